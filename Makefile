@@ -1,0 +1,39 @@
+# Set-up and everyday commands. `make demo` and `make test` install into .venv/ first.
+# GPU users: `make install TORCH=torch` (or a pinned CUDA build) instead of the CPU wheel.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python scripts/train.py --config scripts/configs/demo_digits.json
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check hf_aace scripts tests bench
+	$(BIN)/ruff format --check hf_aace scripts tests bench
+
+format: install
+	$(BIN)/ruff format hf_aace scripts tests bench
+	$(BIN)/ruff check --fix hf_aace scripts tests bench
+
+bench: install
+	$(BIN)/python bench/step_cost.py
+	$(BIN)/python bench/augmentation_throughput.py
+
+clean:
+	rm -rf $(VENV) outputs build *.egg-info

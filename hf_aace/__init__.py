@@ -1,0 +1,26 @@
+"""hf_aace: Adaptive Adversarial Cross-Entropy sharpness-aware training for the Hugging Face Trainer."""
+
+from .image_processing_aace import AACEImageProcessor
+from .losses import AACELoss, aace_loss
+from .models import (
+    PyramidNetConfig,
+    PyramidNetForImageClassification,
+    PyramidNetModel,
+    WideResNetConfig,
+    WideResNetForImageClassification,
+    WideResNetModel,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AACEImageProcessor",
+    "AACELoss",
+    "PyramidNetConfig",
+    "PyramidNetForImageClassification",
+    "PyramidNetModel",
+    "WideResNetConfig",
+    "WideResNetForImageClassification",
+    "WideResNetModel",
+    "aace_loss",
+]

@@ -1,0 +1,36 @@
+"""The paper's two architectures as transformers models, registered with the Auto classes."""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+
+from ..image_processing_aace import AACEImageProcessor
+from .pyramidnet import PyramidNetConfig, PyramidNetForImageClassification, PyramidNetModel
+from .wide_resnet import WideResNetConfig, WideResNetForImageClassification, WideResNetModel
+
+
+def _register() -> None:
+    for config_class, base_class, head_class in (
+        (WideResNetConfig, WideResNetModel, WideResNetForImageClassification),
+        (PyramidNetConfig, PyramidNetModel, PyramidNetForImageClassification),
+    ):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, base_class, exist_ok=True)
+        AutoModelForImageClassification.register(config_class, head_class, exist_ok=True)
+        AutoImageProcessor.register(config_class, image_processor_classes={"pil": AACEImageProcessor}, exist_ok=True)
+        # Saved and pushed models carry their code and an auto_map, so they load with trust_remote_code=True
+        # where hf_aace is not installed.
+        config_class.register_for_auto_class()
+        base_class.register_for_auto_class("AutoModel")
+        head_class.register_for_auto_class("AutoModelForImageClassification")
+    AACEImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+
+_register()
+
+__all__ = [
+    "PyramidNetConfig",
+    "PyramidNetForImageClassification",
+    "PyramidNetModel",
+    "WideResNetConfig",
+    "WideResNetForImageClassification",
+    "WideResNetModel",
+]
