@@ -10,12 +10,16 @@ from .models import (
     WideResNetForImageClassification,
     WideResNetModel,
 )
+from .trainer import AACETrainer
+from .training_args import AACETrainingArguments
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AACEImageProcessor",
     "AACELoss",
+    "AACETrainer",
+    "AACETrainingArguments",
     "PyramidNetConfig",
     "PyramidNetForImageClassification",
     "PyramidNetModel",

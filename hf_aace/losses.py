@@ -35,7 +35,9 @@ def _check_arguments(logits: torch.Tensor, labels: torch.Tensor, threshold: floa
             "flatten extra dimensions first."
         )
     if logits.shape[1] < 2:
-        raise ValueError(f"AACE needs at least 2 classes (it spreads probability over the wrong ones), got {logits.shape[1]}.")
+        raise ValueError(
+            f"AACE needs at least 2 classes (it spreads probability over the wrong ones), got {logits.shape[1]}."
+        )
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}.")
     if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:

@@ -121,7 +121,7 @@ def test_paper_formula_is_nan_where_this_one_is_not():
     labels = torch.tensor([0])
     p = logits.softmax(-1)
     wrong = p[:, 1:]
-    assert torch.isnan((wrong / wrong.sum(-1, keepdim=True))).all()
+    assert torch.isnan(wrong / wrong.sum(-1, keepdim=True)).all()
     assert torch.isfinite(aace_loss(logits, labels))
 
 

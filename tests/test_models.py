@@ -21,7 +21,10 @@ TINY_CONFIGS = {
     "pyramidnet-basic": lambda **kw: PyramidNetConfig(depth=8, alpha=12, num_labels=3, **kw),
     "pyramidnet-bottleneck": lambda **kw: PyramidNetConfig(depth=11, alpha=12, bottleneck=True, num_labels=3, **kw),
 }
-MODEL_CLASSES = {WideResNetConfig: WideResNetForImageClassification, PyramidNetConfig: PyramidNetForImageClassification}
+MODEL_CLASSES = {
+    WideResNetConfig: WideResNetForImageClassification,
+    PyramidNetConfig: PyramidNetForImageClassification,
+}
 
 
 def build(name: str, **kwargs):
@@ -159,13 +162,17 @@ def test_pipeline_on_pil_images_matches_the_processor(mode, tmp_path):
     converted = np.asarray(image.convert("L" if num_channels == 1 else "RGB"), dtype=np.float32) / 255
     pixel_values = torch.from_numpy(converted).reshape(32, 32, num_channels).permute(2, 0, 1)[None]
     probabilities = model((pixel_values - 0.4) / 0.2).logits.softmax(-1)[0]
-    assert [p["label"] for p in predictions] == [model.config.id2label[i] for i in probabilities.argsort(descending=True).tolist()]
+    assert [p["label"] for p in predictions] == [
+        model.config.id2label[i] for i in probabilities.argsort(descending=True).tolist()
+    ]
     scores = torch.tensor([p["score"] for p in predictions])
     torch.testing.assert_close(scores, probabilities.sort(descending=True).values, rtol=1e-5, atol=1e-6)
 
 
 def test_processor_pads_to_square_and_resizes_for_food101():
-    processor = AACEImageProcessor(do_pad_to_square=True, size={"height": 4, "width": 4}, image_mean=[0, 0, 0], image_std=[1, 1, 1])
+    processor = AACEImageProcessor(
+        do_pad_to_square=True, size={"height": 4, "width": 4}, image_mean=[0, 0, 0], image_std=[1, 1, 1]
+    )
     image = PIL.Image.new("RGB", (8, 4), (255, 255, 255))  # wide: padded above and below
     pixel_values = processor(image, return_tensors="pt")["pixel_values"][0]
     assert pixel_values.shape == (3, 4, 4)

@@ -52,7 +52,9 @@ class WideResNetConfig(PretrainedConfig):
         if num_channels not in (1, 3):
             raise ValueError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels!r}.")
         if pooling_size is not None and (not isinstance(pooling_size, int) or pooling_size < 1):
-            raise ValueError(f"pooling_size must be None (global pooling) or a positive integer, got {pooling_size!r}.")
+            raise ValueError(
+                f"pooling_size must be None (global pooling) or a positive integer, got {pooling_size!r}."
+            )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}.")
         self.depth = depth

@@ -1,0 +1,190 @@
+"""AACETrainer: the transformers Trainer with the two-pass sharpness-aware step of AACE, SAM or ASAM."""
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer
+from transformers.utils import logging
+
+from .losses import aace_loss_unchecked
+from .perturbation import (
+    WeightPerturbation,
+    frozen_batchnorm_statistics,
+    perturbation_from_gradients_,
+    unscale_gradients_,
+)
+from .training_args import AACETrainingArguments
+
+logger = logging.get_logger(__name__)
+
+AUGMENTATION_STATE_NAME = "augmentation_state_{}.pth"
+METRIC_NAMES = ("perturbation_loss", "perturbation_grad_norm", "perturbation_norm", "clean_loss")
+
+
+class AACETrainer(Trainer):
+    """A [`~transformers.Trainer`] whose training step is the two-pass sharpness-aware step.
+
+    For each micro-batch (Ratchatorn & Tanaka 2024, Algorithm 1; Foret et al. 2021):
+
+    1. forward at the weights w (BatchNorm statistics update here), gradient g of the perturbation loss (AACE for
+       "aace", cross-entropy for "sam"/"asam"), taken without touching `.grad` and without gradient all-reduce;
+    2. perturb the weights to w + e (see `hf_aace.perturbation`);
+    3. forward and backward at w + e through the Trainer's usual path (loss scaling, gradient accumulation and
+       all-reduce unchanged) with BatchNorm statistics frozen;
+    4. restore w from a saved copy; the optimizer then steps with the second pass's gradient.
+
+    Everything else (optimizers, clipping, checkpoints, evaluation, callbacks, `push_to_hub`) is the Trainer's.
+
+    Args:
+        augmentation: optional batch augmentation called on the device batch's `pixel_values` before the first pass
+            (both passes see the same augmented batch); evaluation calls its `normalize`. Its random stream is
+            seeded with `args.seed + process_index` and saved with every checkpoint. Without it, batches reach the
+            model as the data collator made them.
+        *args, **kwargs: those of [`~transformers.Trainer`]; `args` must be an [`AACETrainingArguments`].
+
+    Example:
+    ```python
+    >>> from hf_aace import AACETrainer, AACETrainingArguments
+    >>> args = AACETrainingArguments(output_dir="out", sam_method="aace", rho=0.2)
+    >>> trainer = AACETrainer(model=model, args=args, train_dataset=train, eval_dataset=test)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self, *args, augmentation: Any | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, AACETrainingArguments):
+            raise ValueError(
+                f"AACETrainer needs AACETrainingArguments, got {type(self.args).__name__}; "
+                "build the arguments with hf_aace.AACETrainingArguments(...)."
+            )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "AACETrainer does not support DeepSpeed or FSDP yet: the perturbation needs the full parameters on "
+                "every process. Launch with DDP instead (accelerate launch --multi_gpu ...)."
+            )
+        self.augmentation = augmentation
+        if augmentation is not None:
+            augmentation.manual_seed(self.args.seed + self.args.process_index)
+        self._perturbation = WeightPerturbation()
+        self._metric_sums: dict[str, torch.Tensor] = {}
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        inputs = self._prepare_inputs(inputs)
+        if self.augmentation is not None:
+            inputs["pixel_values"] = self.augmentation(inputs["pixel_values"])
+        if self.args.sam_method == "sgd":
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        # Pass 1 at w. Under no_sync, DDP neither prepares nor runs a gradient all-reduce: each process perturbs
+        # with its own micro-batch's gradient (SAM's m-sharpness).
+        model.train()
+        with self.accelerator.no_sync(model):
+            with self.compute_loss_context_manager():
+                logits = model(**inputs).logits
+            perturbation_loss, clean_loss = self._perturbation_loss(logits, inputs["labels"])
+            scaler = self.accelerator.scaler
+            objective = scaler.scale(perturbation_loss) if scaler is not None else perturbation_loss
+            grads = torch.autograd.grad(objective, params, allow_unused=True)
+        used = [i for i, g in enumerate(grads) if g is not None]
+        params, grads = [params[i] for i in used], [grads[i] for i in used]
+        skipped = None
+        if scaler is not None:
+            skipped = unscale_gradients_(grads, scaler)
+        grad_norm, perturbation_norm = perturbation_from_gradients_(
+            grads, params, self.args.sam_method, self.args.rho, self.args.normalize_perturbation
+        )
+        # fp16 only: an overflowed first pass gives no perturbation. This reads one flag back from the device.
+        perturb = skipped is None or not bool(skipped.item())
+
+        # Pass 2 at w + e through the Trainer's own step, then back to w exactly.
+        if perturb:
+            self._perturbation.apply_(params, grads)
+        try:
+            with frozen_batchnorm_statistics(model):
+                loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            if perturb:
+                self._perturbation.restore_(params)
+        del grads
+
+        self._accumulate_metrics(
+            perturbation_loss=perturbation_loss.detach(),
+            perturbation_grad_norm=grad_norm,
+            perturbation_norm=perturbation_norm if perturb else torch.zeros_like(perturbation_norm),
+            clean_loss=clean_loss,
+            skipped_perturbations=skipped if skipped is not None else None,
+        )
+        return loss
+
+    def _perturbation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss whose gradient sets the perturbation, and the clean cross-entropy at w (a free by-product)."""
+        clean_loss = F.cross_entropy(logits.detach().float(), labels)
+        if self.args.sam_method == "aace":
+            loss = aace_loss_unchecked(logits, labels, self.args.aace_threshold, self.args.aace_mode)
+        else:
+            loss = F.cross_entropy(logits.float(), labels)
+        return loss, clean_loss
+
+    def _accumulate_metrics(self, **values: torch.Tensor | None) -> None:
+        # On-device running sums: no host sync per step; `log` reduces them across processes.
+        values = {name: value.detach().float().reshape(()) for name, value in values.items() if value is not None}
+        values["count"] = torch.ones_like(values["perturbation_loss"])
+        for name, value in values.items():
+            self._metric_sums[name] = self._metric_sums[name] + value if name in self._metric_sums else value
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._metric_sums:
+            names = sorted(self._metric_sums)
+            totals = self.accelerator.reduce(torch.stack([self._metric_sums[n] for n in names]), reduction="sum")
+            totals = dict(zip(names, totals.tolist()))
+            count = totals.pop("count")
+            for name in METRIC_NAMES:
+                logs[name] = round(totals[name] / count, 6)
+            if totals.get("skipped_perturbations"):
+                logs["skipped_perturbations"] = int(totals["skipped_perturbations"])
+            self._metric_sums = {}
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self.augmentation is not None and inputs["pixel_values"].dtype == torch.uint8:
+            inputs = self._prepare_inputs(inputs)
+            inputs["pixel_values"] = self.augmentation.normalize(inputs["pixel_values"])
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        if self.args.weight_decay_all_parameters:
+            return [name for name, _ in model.named_parameters()]
+        return super().get_decay_parameter_names(model)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.args.lr_milestones is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        milestones = [max(1, round(m * num_training_steps)) for m in self.args.lr_milestones]
+        self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer if optimizer is not None else self.optimizer, milestones=milestones, gamma=self.args.lr_gamma
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self.augmentation is not None:
+            path = os.path.join(output_dir, AUGMENTATION_STATE_NAME.format(self.args.process_index))
+            torch.save(self.augmentation.state_dict(), path)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if self.augmentation is None or checkpoint is None:
+            return
+        path = os.path.join(checkpoint, AUGMENTATION_STATE_NAME.format(self.args.process_index))
+        if os.path.isfile(path):
+            self.augmentation.load_state_dict(torch.load(path, weights_only=True))
+        else:
+            logger.warning(f"No augmentation state in {checkpoint}: the augmentation stream restarts from its seed.")

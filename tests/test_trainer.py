@@ -1,0 +1,361 @@
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import ResNetConfig, ResNetForImageClassification
+from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
+
+from hf_aace import AACETrainer, AACETrainingArguments, WideResNetConfig, WideResNetForImageClassification, aace_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor):
+        self.pixel_values, self.labels = pixel_values, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
+
+
+def make_dataset(n: int = 32, size: int = 8, num_labels: int = 3, seed: int = 0) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    return TensorDataset(
+        torch.randn(n, 3, size, size, generator=generator), torch.randint(0, num_labels, (n,), generator=generator)
+    )
+
+
+def tiny_wrn(seed: int = 0) -> WideResNetForImageClassification:
+    torch.manual_seed(seed)
+    model = WideResNetForImageClassification(WideResNetConfig(depth=10, widen_factor=1, num_labels=3))
+    # A zero classifier (the paper's init) gives a zero perturbation gradient for most weights; start from random.
+    nn.init.normal_(model.classifier.weight, std=0.5)
+    return model
+
+
+def make_args(tmp_path, **overrides) -> AACETrainingArguments:
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        learning_rate=0.1,
+        optim="sgd",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        max_steps=1,
+        train_sampling_strategy="sequential",
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
+    settings.update(overrides)
+    return AACETrainingArguments(**settings)
+
+
+def reference_step(model, batches, method: str, rho: float, normalize: bool, lr: float, accumulation: int = 1):
+    """One optimizer step written out by hand: perturb, second pass, restore, SGD."""
+    params = [p for p in model.parameters()]
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for p in params:
+        p.grad = None
+    for pixel_values, labels in batches:
+        model.train()
+        logits = model(pixel_values).logits
+        loss1 = aace_loss(logits, labels) if method == "aace" else F.cross_entropy(logits, labels)
+        grads = torch.autograd.grad(loss1, params)
+        with torch.no_grad():
+            if method == "asam":
+                norm = torch.sqrt(sum(((p * g) ** 2).sum() for p, g in zip(params, grads)))
+                e = [rho * p * p * g / (norm + 1e-12) for p, g in zip(params, grads)]
+            else:
+                norm = torch.sqrt(sum((g**2).sum() for g in grads))
+                sign = -1.0 if method == "aace" else 1.0
+                e = [sign * rho * g / ((norm + 1e-12) if normalize else 1.0) for g in grads]
+            saved = [p.clone() for p in params]
+            for p, e_p in zip(params, e):
+                p.add_(e_p)
+        # Second pass with BatchNorm running statistics frozen: keep a copy of the buffers and put it back.
+        buffers = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in batchnorms]
+        loss2 = F.cross_entropy(model(pixel_values).logits, labels) / accumulation
+        loss2.backward()
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(batchnorms, buffers):
+                m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(count)
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    with torch.no_grad():
+        for p in params:
+            p.sub_(lr * p.grad)
+
+
+def assert_state_close(model_a, model_b, tolerance=1e-5):
+    state_b = model_b.state_dict()
+    for key, value in model_a.state_dict().items():
+        torch.testing.assert_close(value, state_b[key], rtol=tolerance, atol=tolerance, msg=key)
+
+
+@pytest.mark.parametrize(
+    ("method", "rho", "normalize", "accumulation"),
+    [
+        ("aace", 0.2, False, 1),
+        ("aace", 0.2, True, 1),
+        ("sam", 0.05, True, 1),
+        ("asam", 0.5, True, 1),
+        ("aace", 0.2, False, 2),
+    ],
+)
+def test_one_step_equals_hand_written_step(tmp_path, method, rho, normalize, accumulation):
+    dataset = make_dataset()
+    model = tiny_wrn()
+    expected = copy.deepcopy(model)
+    batch = 8 // accumulation
+    args = make_args(
+        tmp_path,
+        sam_method=method,
+        rho=rho,
+        normalize_perturbation=normalize,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+    )
+    AACETrainer(model=model, args=args, train_dataset=dataset).train()
+    batches = [
+        (dataset.pixel_values[i * batch : (i + 1) * batch], dataset.labels[i * batch : (i + 1) * batch])
+        for i in range(accumulation)
+    ]
+    reference_step(expected, batches, method, rho, normalize, lr=0.1, accumulation=accumulation)
+    assert_state_close(model, expected)
+    changed = any(not torch.equal(a, b) for a, b in zip(model.parameters(), tiny_wrn().parameters()))
+    assert changed
+
+
+def test_sgd_method_is_the_plain_trainer_step(tmp_path):
+    dataset = make_dataset()
+    model, expected = tiny_wrn(), tiny_wrn()
+    AACETrainer(model=model, args=make_args(tmp_path, sam_method="sgd"), train_dataset=dataset).train()
+    expected.train()
+    F.cross_entropy(expected(dataset.pixel_values[:8]).logits, dataset.labels[:8]).backward()
+    with torch.no_grad():
+        for p in expected.parameters():
+            p.sub_(0.1 * p.grad)
+    assert_state_close(model, expected)
+
+
+@pytest.mark.parametrize("method", ["aace", "sam", "asam"])
+def test_training_step_restores_weights_bit_for_bit_and_updates_batchnorm_once(tmp_path, method):
+    model = tiny_wrn()
+    trainer = AACETrainer(model=model, args=make_args(tmp_path, sam_method=method), train_dataset=make_dataset())
+    inputs = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = 1  # set by train() in normal use
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.training_step(trainer.model_wrapped, inputs)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
+        assert param.grad is not None
+    counts = [m.num_batches_tracked.item() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert counts and all(c == 1 for c in counts)
+
+
+def test_works_with_transformers_resnet_and_models_without_batchnorm(tmp_path):
+    class TinyMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+        def forward(self, pixel_values, labels=None):
+            logits = self.net(pixel_values)
+            loss = F.cross_entropy(logits, labels) if labels is not None else None
+            return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits)
+
+    resnet = ResNetForImageClassification(
+        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    )
+    for model in (resnet, TinyMLP()):
+        initial = [p.detach().clone() for p in model.parameters()]
+        trainer = AACETrainer(model=model, args=make_args(tmp_path, max_steps=3), train_dataset=make_dataset())
+        trainer.train()
+        assert any(not torch.equal(a, b) for a, b in zip(initial, model.parameters()))
+        logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+        assert logged and all(
+            key in logged[0]
+            for key in ("perturbation_loss", "perturbation_grad_norm", "perturbation_norm", "clean_loss")
+        )
+
+
+def test_metrics_are_logged_as_interval_averages(tmp_path):
+    model = tiny_wrn()
+    trainer = AACETrainer(
+        model=model, args=make_args(tmp_path, max_steps=4, logging_steps=2), train_dataset=make_dataset()
+    )
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2
+    for entry in logged:
+        # Unnormalised AACE: ||e|| = rho * ||g|| for every micro-batch, so their averages obey the same relation.
+        assert entry["perturbation_norm"] == pytest.approx(0.2 * entry["perturbation_grad_norm"], rel=1e-4)
+        assert entry["perturbation_loss"] > 0 and entry["clean_loss"] > 0
+        assert "skipped_perturbations" not in entry
+
+
+def test_sam_perturbation_has_radius_rho(tmp_path):
+    trainer = AACETrainer(
+        model=tiny_wrn(), args=make_args(tmp_path, sam_method="sam", max_steps=2), train_dataset=make_dataset()
+    )
+    trainer.train()
+    entry = next(e for e in trainer.state.log_history if "loss" in e)
+    assert entry["perturbation_norm"] == pytest.approx(0.05, rel=1e-4)
+
+
+def _train_and_resume(tmp_path, accumulation: int):
+    dataset = make_dataset(n=64)
+    common = dict(
+        max_steps=6,
+        per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
+        train_sampling_strategy="random",
+        learning_rate=0.05,
+    )
+    straight = tiny_wrn()
+    AACETrainer(model=straight, args=make_args(tmp_path / "straight", **common), train_dataset=dataset).train()
+
+    first = tiny_wrn()
+    args = make_args(tmp_path / "resumed", save_strategy="steps", save_steps=3, **common)
+    trainer = AACETrainer(model=first, args=args, train_dataset=dataset)
+    trainer.train()
+    checkpoint = tmp_path / "resumed" / "checkpoint-3"
+    assert checkpoint.is_dir()
+    resumed = tiny_wrn(seed=123)  # different initial weights: everything must come from the checkpoint
+    AACETrainer(model=resumed, args=args, train_dataset=dataset).train(resume_from_checkpoint=str(checkpoint))
+    return straight, resumed
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_from_checkpoint_gives_identical_weights(tmp_path, accumulation):
+    straight, resumed = _train_and_resume(tmp_path, accumulation)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_bf16_on_cpu(tmp_path):
+    model = tiny_wrn()
+    initial = [p.detach().clone() for p in model.parameters()]
+    trainer = AACETrainer(model=model, args=make_args(tmp_path, bf16=True, max_steps=3), train_dataset=make_dataset())
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(initial, model.parameters()))
+
+
+def test_torch_compile_recompiles_at_most_once(tmp_path):
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = tiny_wrn()
+    args = make_args(
+        tmp_path, max_steps=4, torch_compile=True, torch_compile_backend="aot_eager", dataloader_drop_last=True
+    )
+    trainer = AACETrainer(model=model, args=args, train_dataset=make_dataset())
+    trainer.train()
+    # One graph for pass 1 and one recompile for the BatchNorm toggle of pass 2, then cached.
+    assert counters["stats"]["unique_graphs"] <= 2
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"sam_method": "adam"}, "--sam_method must be one of aace, sam, asam, sgd"),
+        ({"rho": 0.0}, "--rho must be > 0"),
+        ({"sam_method": "sam", "rho": -1.0}, "--rho must be > 0"),
+        ({"aace_threshold": 1.5}, r"--aace_threshold must lie in \[0, 1\]"),
+        ({"aace_mode": "const"}, "--aace_mode must be one of adaptive, uniform, random"),
+        ({"lr_milestones": [0.6, 0.3]}, "--lr_milestones must be increasing fractions"),
+    ],
+)
+def test_bad_arguments_raise_value_error(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("method", "rho", "normalize"), [("aace", 0.2, False), ("sam", 0.05, True), ("asam", 0.5, True)]
+)
+def test_method_defaults(tmp_path, method, rho, normalize):
+    args = make_args(tmp_path, sam_method=method)
+    assert (args.rho, args.normalize_perturbation) == (rho, normalize)
+
+
+def test_cli_flags_through_hf_argument_parser(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(AACETrainingArguments).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--sam_method",
+            "asam",
+            "--normalize_perturbation",
+            "false",
+            "--lr_milestones",
+            "0.3",
+            "0.6",
+            "--use_cpu",
+        ]
+    )
+    assert args.sam_method == "asam" and args.rho == 0.5 and args.normalize_perturbation is False
+    assert args.lr_milestones == [0.3, 0.6]
+
+
+def test_paper_schedule_and_weight_decay_on_all_parameters(tmp_path):
+    model = tiny_wrn()
+    args = make_args(
+        tmp_path, max_steps=10, lr_milestones=[0.3, 0.6, 0.8], weight_decay=5e-4, weight_decay_all_parameters=True
+    )
+    trainer = AACETrainer(model=model, args=args, train_dataset=make_dataset(n=80))
+    trainer.train()
+    rates = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+    assert rates == pytest.approx([0.1] * 3 + [0.02] * 3 + [0.004] * 2 + [0.0008] * 2)
+    decayed = [g for g in trainer.optimizer.param_groups if g["weight_decay"] > 0]
+    assert sum(len(g["params"]) for g in decayed) == len(list(model.parameters()))
+
+
+def test_two_processes_perturb_independently_and_stay_identical(tmp_path):
+    script = ROOT / "tests" / "ddp_train.py"
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["first_grad_norm"] != ranks[1]["first_grad_norm"]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    losses = ranks[0]["losses"]
+    assert sum(losses[-4:]) < sum(losses[:4])
