@@ -1,5 +1,6 @@
 """hf_aace: Adaptive Adversarial Cross-Entropy sharpness-aware training for the Hugging Face Trainer."""
 
+from .convert import convert_reference_checkpoint
 from .image_processing_aace import AACEImageProcessor
 from .losses import AACELoss, aace_loss
 from .models import (
@@ -27,4 +28,5 @@ __all__ = [
     "WideResNetForImageClassification",
     "WideResNetModel",
     "aace_loss",
+    "convert_reference_checkpoint",
 ]

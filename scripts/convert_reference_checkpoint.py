@@ -1,0 +1,78 @@
+"""Converts a checkpoint of the AACE paper's reproduction code into a Hugging Face model folder (and Hub repo).
+
+Example:
+    python scripts/convert_reference_checkpoint.py --checkpoint wrn16_8_cifar10.pth --dataset cifar10 \
+        --output_dir wrn-16-8-cifar10-aace --source_url https://example.org/wrn16_8_cifar10.pth
+
+The folder holds the model (safetensors + config + modeling code, loadable with `trust_remote_code=True`), the
+`AACEImageProcessor` with the paper's preprocessing for the dataset, and a README.md model card.
+"""
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import upload_file
+from transformers import HfArgumentParser
+
+from hf_aace.convert import conversion_model_card, convert_reference_checkpoint, reference_image_processor
+
+
+@dataclass
+class ConversionArguments:
+    checkpoint: str = field(metadata={"help": "The .pth/.pt state dict written by the paper's code."})
+    dataset: str = field(metadata={"help": "Dataset it was trained on: cifar10, cifar100, fashionmnist, food101."})
+    architecture: str | None = field(
+        default=None, metadata={"help": "wide_resnet or pyramidnet; inferred from the keys when omitted."}
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where to write the model folder; defaults to outputs/<checkpoint>-hf."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Also upload the folder to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id (user/name) for --push_to_hub."})
+    source_url: str | None = field(
+        default=None, metadata={"help": "Where the checkpoint comes from, for the model card (default: file name)."}
+    )
+
+
+def main() -> int:
+    (args,) = HfArgumentParser(ConversionArguments).parse_args_into_dataclasses()
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id user/name.")
+    checkpoint = Path(args.checkpoint)
+    output_dir = Path(args.output_dir or Path("outputs") / f"{checkpoint.stem}-hf")
+
+    model = convert_reference_checkpoint(checkpoint, args.dataset, args.architecture)
+    processor = reference_image_processor(args.dataset)
+    card = conversion_model_card(model, args.dataset, args.source_url or checkpoint.name, args.hub_model_id)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    (output_dir / "README.md").write_text(card, encoding="utf-8")
+    print(f"Saved {type(model).__name__} ({model.num_parameters():,} parameters) to {output_dir}")
+
+    if args.push_to_hub:
+        try:
+            model.push_to_hub(args.hub_model_id)
+            processor.push_to_hub(args.hub_model_id)
+            upload_file(
+                path_or_fileobj=output_dir / "README.md",
+                path_in_repo="README.md",
+                repo_id=args.hub_model_id,
+                commit_message="Add model card",
+            )
+        except Exception as error:  # network, authentication and permission errors all end here
+            print(
+                f"Pushing to {args.hub_model_id} failed ({type(error).__name__}: {error}).\n"
+                f"The converted files are kept in {output_dir}. Log in (`hf auth login`) or check the repo id, then "
+                f"upload them with:\n  hf upload {args.hub_model_id} {output_dir} .",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"Pushed to https://huggingface.co/{args.hub_model_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""Tests of hf_aace.convert and scripts/convert_reference_checkpoint.py against re-implemented reference networks."""
+
+import ast
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from reference_networks import build_reference_network, randomize_
+from transformers import AutoModelForImageClassification, PreTrainedModel
+
+from hf_aace.convert import REFERENCE_DATASETS, convert_reference_checkpoint, reference_image_processor
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = REPO_ROOT.parent / "shared" / "reference" / "checkpoint_layouts.txt"
+
+# id, architecture, dataset, network kwargs, labels, input side, section of checkpoint_layouts.txt (None: not listed).
+CASES = [
+    (
+        "wrn16-2-cifar10",
+        "wide_resnet",
+        "cifar10",
+        {"depth": 16, "widen_factor": 2},
+        10,
+        32,
+        "wide_resnet depth=16 width=2 dataset=cifar10 (3 channels, 10 labels)",
+    ),
+    (
+        "wrn16-2-fashionmnist",
+        "wide_resnet",
+        "fashionmnist",
+        {"depth": 16, "widen_factor": 2},
+        10,
+        28,
+        "wide_resnet depth=16 width=2 dataset=fashionmnist (1 channel, 10 labels)",
+    ),
+    (
+        "pyramidnet20-48-basic-cifar100",
+        "pyramidnet",
+        "cifar100",
+        {"depth": 20, "alpha": 48},
+        100,
+        32,
+        "pyramidnet depth=20 alpha=48 basic dataset=cifar100 (3 channels, 100 labels)",
+    ),
+    (
+        "pyramidnet29-48-bottleneck-cifar10",
+        "pyramidnet",
+        "cifar10",
+        {"depth": 29, "alpha": 48, "bottleneck": True},
+        10,
+        32,
+        "pyramidnet depth=29 alpha=48 bottleneck dataset=cifar10 (3 channels, 10 labels)",
+    ),
+    (
+        "pyramidnet20-48-basic-fashionmnist",
+        "pyramidnet",
+        "fashionmnist",
+        {"depth": 20, "alpha": 48},
+        10,
+        28,
+        "pyramidnet depth=20 alpha=48 basic dataset=fashionmnist (1 channel, 10 labels)",
+    ),
+    ("wrn10-1-food101", "wide_resnet", "food101", {"depth": 10, "widen_factor": 1}, 101, 32, None),
+    (
+        "pyramidnet11-12-bottleneck-food101",
+        "pyramidnet",
+        "food101",
+        {"depth": 11, "alpha": 12, "bottleneck": True},
+        101,
+        32,
+        None,
+    ),
+]
+LISTED = [case for case in CASES if case[-1] is not None]
+
+
+def _reference(architecture: str, dataset: str, kwargs: dict, num_labels: int, seed: int = 0) -> torch.nn.Module:
+    return randomize_(build_reference_network(architecture, dataset, num_labels, **kwargs), seed).eval()
+
+
+def _inputs(dataset: str, side: int, seed: int = 1) -> torch.Tensor:
+    channels = REFERENCE_DATASETS[dataset].num_channels
+    return torch.randn(3, channels, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def _parse_layouts(text: str) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    sections, current = {}, None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), [])
+        else:
+            key, shape = re.fullmatch(r"(\S+) (\(.*\))", line).groups()
+            current.append((key, tuple(ast.literal_eval(shape))))
+    return sections
+
+
+@pytest.fixture(scope="module")
+def small_reference() -> torch.nn.Module:
+    return _reference("wide_resnet", "cifar10", {"depth": 10, "widen_factor": 1}, 10)
+
+
+@pytest.fixture
+def small_checkpoint(small_reference: torch.nn.Module, tmp_path: Path) -> Path:
+    path = tmp_path / "wrn10_1_cifar10.pth"
+    torch.save(small_reference.state_dict(), path)
+    return path
+
+
+@pytest.mark.skipif(not LAYOUTS.is_file(), reason=f"{LAYOUTS} is absent (the CI checks out ../shared beside the repo)")
+def test_layouts_file_lists_the_tested_instances():
+    assert set(_parse_layouts(LAYOUTS.read_text())) == {case[-1] for case in LISTED}
+
+
+@pytest.mark.skipif(not LAYOUTS.is_file(), reason=f"{LAYOUTS} is absent (the CI checks out ../shared beside the repo)")
+@pytest.mark.parametrize("case", LISTED, ids=[case[0] for case in LISTED])
+def test_reference_networks_have_the_papers_state_dict_layout(case):
+    _, architecture, dataset, kwargs, num_labels, _, layout = case
+    network = build_reference_network(architecture, dataset, num_labels, **kwargs)
+    actual = [(key, tuple(tensor.shape)) for key, tensor in network.state_dict().items()]
+    assert actual == _parse_layouts(LAYOUTS.read_text())[layout]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
+def test_converted_model_gives_the_reference_logits(case, tmp_path):
+    _, architecture, dataset, kwargs, num_labels, side, _ = case
+    reference = _reference(architecture, dataset, kwargs, num_labels)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(reference.state_dict(), path)
+
+    model = convert_reference_checkpoint(path, dataset)
+
+    assert isinstance(model, PreTrainedModel) and not model.training
+    config = model.config
+    assert config.model_type == f"aace_{architecture}"
+    assert (config.depth, config.num_labels) == (kwargs["depth"], num_labels)
+    assert config.num_channels == REFERENCE_DATASETS[dataset].num_channels
+    assert config.pooling_size == REFERENCE_DATASETS[dataset].pooling_size[architecture]
+    if architecture == "wide_resnet":
+        assert config.widen_factor == kwargs["widen_factor"]
+    else:
+        assert (config.alpha, config.bottleneck) == (kwargs["alpha"], kwargs.get("bottleneck", False))
+    assert config.id2label[0] == REFERENCE_DATASETS[dataset].labels[0]
+    pixels = _inputs(dataset, side)
+    with torch.no_grad():
+        expected = reference(pixels)
+        logits = model(pixels).logits
+    assert expected.std() > 1.0  # random BN statistics: the comparison is not between near-constant outputs
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_wrapped_dataparallel_state_dict_and_aliases(small_reference):
+    state_dict = {"state_dict": {f"module.{key}": tensor for key, tensor in small_reference.state_dict().items()}}
+    model = convert_reference_checkpoint(state_dict, "CIFAR10", architecture="wide_resnet")
+    pixels = _inputs("cifar10", 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels).logits, small_reference(pixels), atol=1e-4, rtol=1e-4)
+
+    reference = _reference("pyramidnet", "fashionmnist", {"depth": 8, "alpha": 6}, 10)
+    model = convert_reference_checkpoint({"model": reference.state_dict()}, "fashion_mnist")
+    assert model.config.num_channels == 1 and model.config.id2label[9] == "Ankle boot"
+
+
+def test_label_names():
+    counts = {name: len(dataset.labels) for name, dataset in REFERENCE_DATASETS.items()}
+    assert counts == {"cifar10": 10, "cifar100": 100, "fashionmnist": 10, "food101": 101}
+    for dataset in REFERENCE_DATASETS.values():
+        assert len(set(dataset.labels)) == len(dataset.labels)
+    # torchvision's Food101 (used by the paper's code) numbers classes in sorted() order, as CIFAR-100 is.
+    food = REFERENCE_DATASETS["food101"].labels
+    assert food[16:18] == ("cheese_plate", "cheesecake") and food[-1] == "waffles"
+    assert list(REFERENCE_DATASETS["cifar100"].labels) == sorted(REFERENCE_DATASETS["cifar100"].labels)
+
+
+def test_not_a_checkpoint_file(tmp_path):
+    path = tmp_path / "random.pth"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError, match="Cannot read .* as a PyTorch checkpoint"):
+        convert_reference_checkpoint(path, "cifar10")
+
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(ValueError, match="holds a list, expected a state dict"):
+        convert_reference_checkpoint(path, "cifar10")
+
+    torch.save({"weight": torch.zeros(1), "epoch": 3}, path)
+    with pytest.raises(ValueError, match=r"non-tensor ones \['epoch'\]"):
+        convert_reference_checkpoint(path, "cifar10")
+
+    torch.save({"encoder.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="Unknown key layout .*encoder.weight"):
+        convert_reference_checkpoint(path, "cifar10")
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert_reference_checkpoint(tmp_path / "absent.pth", "cifar10")
+
+
+def test_missing_and_unexpected_keys(small_reference):
+    state_dict = dict(small_reference.state_dict())
+    del state_dict["f.2_block.block.1.block.3_normalization.running_var"]
+    with pytest.raises(ValueError, match=r"missing tensors .*stages\.1\.layers\.1\.norm2\.running_var"):
+        convert_reference_checkpoint(state_dict, "cifar10")
+
+    state_dict = dict(small_reference.state_dict(), **{"f.9_extra.weight": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"unexpected keys f\.9_extra\.weight"):
+        convert_reference_checkpoint(state_dict, "cifar10")
+
+
+def test_tensor_of_wrong_shape(small_reference):
+    state_dict = dict(small_reference.state_dict())
+    state_dict["f.2_block.block.1.block.2_convolution.weight"] = torch.zeros(32, 32, 1, 1)
+    with pytest.raises(ValueError, match=r"f\.2_block\.block\.1\.block\.2_convolution\.weight \(32, 32, 1, 1\) "):
+        convert_reference_checkpoint(state_dict, "cifar10")
+
+
+def test_dataset_and_architecture_errors(small_reference):
+    state_dict = small_reference.state_dict()
+    with pytest.raises(ValueError, match="Unknown dataset 'imagenet'; pass one of"):
+        convert_reference_checkpoint(state_dict, "imagenet")
+    with pytest.raises(ValueError, match="takes 3 input channels but fashionmnist images have 1"):
+        convert_reference_checkpoint(state_dict, "fashionmnist")
+    with pytest.raises(ValueError, match="has 10 outputs but cifar100 has 100 classes"):
+        convert_reference_checkpoint(state_dict, "cifar100")
+    with pytest.raises(ValueError, match="keys are those of the paper's wide_resnet"):
+        convert_reference_checkpoint(state_dict, "cifar10", architecture="pyramidnet")
+    with pytest.raises(ValueError, match="Unknown architecture 'resnet'"):
+        convert_reference_checkpoint(state_dict, "cifar10", architecture="resnet")
+
+
+def test_save_pretrained_round_trip(small_checkpoint, tmp_path):
+    model = convert_reference_checkpoint(small_checkpoint, "cifar10")
+    model.save_pretrained(tmp_path / "converted")
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "converted").eval()
+    pixels = _inputs("cifar10", 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels).logits, model(pixels).logits, rtol=0, atol=0)
+    assert reloaded.config.id2label == model.config.id2label
+
+
+_LOAD_IN_FRESH_PROCESS = """
+import json, sys
+import torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+out = sys.argv[1]
+model = AutoModelForImageClassification.from_pretrained(out, trust_remote_code=True).eval()
+processor = AutoImageProcessor.from_pretrained(out, trust_remote_code=True)
+pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    logits = model(pixels).logits
+print(json.dumps({"logits": logits.tolist(), "hf_aace_imported": "hf_aace" in sys.modules,
+                  "processor": type(processor).__name__, "mean": processor.image_mean}))
+"""
+
+
+def test_script_writes_a_folder_that_loads_without_hf_aace(small_reference, small_checkpoint, tmp_path):
+    out = tmp_path / "converted"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    script = REPO_ROOT / "scripts" / "convert_reference_checkpoint.py"
+    args = ["--checkpoint", str(small_checkpoint), "--dataset", "cifar10", "--output_dir", str(out)]
+    args += ["--source_url", "https://example.org/wrn10_1_cifar10.pth"]
+    subprocess.run([sys.executable, str(script), *args], check=True, env=env, capture_output=True, timeout=120)
+
+    card = (out / "README.md").read_text()
+    assert "https://example.org/wrn10_1_cifar10.pth" in card and "Converted, not retrained" in card
+    assert "10.1109/ICIP51287.2024.10647582" in card and "WideResNet-10-1" in card
+    assert json.loads((out / "preprocessor_config.json").read_text())["image_mean"] == [0.4914, 0.4822, 0.4465]
+
+    # A fresh interpreter without the repository on its path: only the saved remote code can build the model.
+    env.pop("PYTHONPATH")
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_IN_FRESH_PROCESS, str(out)],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not loaded["hf_aace_imported"] and loaded["processor"] == "AACEImageProcessor"
+    with torch.no_grad():
+        expected = small_reference(_inputs("cifar10", 32))
+    torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_script_keeps_the_files_when_the_push_fails(small_checkpoint, tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "convert_script", REPO_ROOT / "scripts/convert_reference_checkpoint.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def refuse(*args, **kwargs):
+        raise OSError("no network here")
+
+    monkeypatch.setattr(PreTrainedModel, "push_to_hub", refuse)
+    out = tmp_path / "converted"
+    argv = ["convert", "--checkpoint", str(small_checkpoint), "--dataset", "cifar10", "--output_dir", str(out)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--push_to_hub", "--hub_model_id", "someone/wrn"])
+
+    assert script.main() == 1
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
+        path.name for path in out.iterdir()
+    }
+    assert "hf upload someone/wrn" in capsys.readouterr().err
+
+
+def test_reference_image_processor_matches_the_papers_preprocessing():
+    food = reference_image_processor("food101")
+    assert food.do_pad_to_square and list(food.image_mean) == [0.485, 0.456, 0.406]
+    fashion = reference_image_processor("fashion_mnist")
+    assert fashion.num_channels == 1 and fashion.size.height == 28 and list(fashion.image_std) == [0.3530]
