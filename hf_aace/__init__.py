@@ -1,6 +1,7 @@
 """hf_aace: Adaptive Adversarial Cross-Entropy sharpness-aware training for the Hugging Face Trainer."""
 
 from .convert import convert_reference_checkpoint
+from .data import BatchAugmentation, ImageClassificationData, augmentation_for, load_image_classification_dataset
 from .image_processing_aace import AACEImageProcessor
 from .losses import AACELoss, aace_loss
 from .models import (
@@ -21,6 +22,8 @@ __all__ = [
     "AACELoss",
     "AACETrainer",
     "AACETrainingArguments",
+    "BatchAugmentation",
+    "ImageClassificationData",
     "PyramidNetConfig",
     "PyramidNetForImageClassification",
     "PyramidNetModel",
@@ -28,5 +31,7 @@ __all__ = [
     "WideResNetForImageClassification",
     "WideResNetModel",
     "aace_loss",
+    "augmentation_for",
     "convert_reference_checkpoint",
+    "load_image_classification_dataset",
 ]

@@ -1,5 +1,6 @@
 """AACETrainer: the transformers Trainer with the two-pass sharpness-aware step of AACE, SAM or ASAM."""
 
+import json
 import os
 from typing import Any
 
@@ -9,6 +10,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils import logging
 
+from .hub import build_model_card
 from .losses import aace_loss_unchecked
 from .perturbation import (
     WeightPerturbation,
@@ -21,7 +23,7 @@ from .training_args import AACETrainingArguments
 logger = logging.get_logger(__name__)
 
 AUGMENTATION_STATE_NAME = "augmentation_state_{}.pth"
-METRIC_NAMES = ("perturbation_loss", "perturbation_grad_norm", "perturbation_norm", "clean_loss")
+METRIC_NAMES = ("perturbation_loss", "perturbation_grad_norm", "perturbation_norm", "clean_loss", "clean_accuracy")
 
 
 class AACETrainer(Trainer):
@@ -68,6 +70,7 @@ class AACETrainer(Trainer):
             )
         self.augmentation = augmentation
         if augmentation is not None:
+            # Every process draws its own augmentations; a resumed run reloads the streams from the checkpoint.
             augmentation.manual_seed(self.args.seed + self.args.process_index)
         self._perturbation = WeightPerturbation()
         self._metric_sums: dict[str, torch.Tensor] = {}
@@ -88,7 +91,7 @@ class AACETrainer(Trainer):
         with self.accelerator.no_sync(model):
             with self.compute_loss_context_manager():
                 logits = model(**inputs).logits
-            perturbation_loss, clean_loss = self._perturbation_loss(logits, inputs["labels"])
+            perturbation_loss = self._perturbation_loss(logits, inputs["labels"])
             scaler = self.accelerator.scaler
             objective = scaler.scale(perturbation_loss) if scaler is not None else perturbation_loss
             grads = torch.autograd.grad(objective, params, allow_unused=True)
@@ -118,19 +121,18 @@ class AACETrainer(Trainer):
             perturbation_loss=perturbation_loss.detach(),
             perturbation_grad_norm=grad_norm,
             perturbation_norm=perturbation_norm if perturb else torch.zeros_like(perturbation_norm),
-            clean_loss=clean_loss,
+            # Cross-entropy and accuracy at w come free from the first pass's logits.
+            clean_loss=F.cross_entropy(logits.detach().float(), inputs["labels"]),
+            clean_accuracy=(logits.detach().argmax(-1) == inputs["labels"]).float().mean(),
             skipped_perturbations=skipped if skipped is not None else None,
         )
         return loss
 
-    def _perturbation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss whose gradient sets the perturbation, and the clean cross-entropy at w (a free by-product)."""
-        clean_loss = F.cross_entropy(logits.detach().float(), labels)
+    def _perturbation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss whose gradient sets the perturbation: AACE for "aace", cross-entropy for "sam" and "asam"."""
         if self.args.sam_method == "aace":
-            loss = aace_loss_unchecked(logits, labels, self.args.aace_threshold, self.args.aace_mode)
-        else:
-            loss = F.cross_entropy(logits.float(), labels)
-        return loss, clean_loss
+            return aace_loss_unchecked(logits, labels, self.args.aace_threshold, self.args.aace_mode)
+        return F.cross_entropy(logits.float(), labels)
 
     def _accumulate_metrics(self, **values: torch.Tensor | None) -> None:
         # On-device running sums: no host sync per step; `log` reduces them across processes.
@@ -172,6 +174,46 @@ class AACETrainer(Trainer):
         )
         self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_id: str | None = None,
+        dataset_name: str | None = None,
+        test_split: str = "test",
+        metrics: dict[str, float] | None = None,
+        run_arguments: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> None:
+        """Writes the hf_aace model card to `output_dir/README.md` (the Trainer's `push_to_hub` uploads it).
+
+        Args:
+            model_name: the card's title; defaults to the Hub repository name or the output folder's name.
+            dataset_id: Hub id of the training dataset, for the metadata.
+            dataset_name: readable dataset name.
+            test_split: split the test metrics come from.
+            metrics: measured results; defaults to `output_dir/all_results.json` when it exists.
+            run_arguments: the run's exact arguments; defaults to the training arguments.
+            **kwargs: the Trainer's own card options (tags, language, ...), which this card does not use.
+        """
+        if not self.is_world_process_zero():
+            return
+        results_path = os.path.join(self.args.output_dir, "all_results.json")
+        if metrics is None and os.path.isfile(results_path):
+            with open(results_path) as file:
+                metrics = json.load(file)
+        name = model_name or (self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir)))
+        card = build_model_card(
+            self.accelerator.unwrap_model(self.model).config,
+            run_arguments if run_arguments is not None else self.args.to_dict(),
+            metrics or {},
+            model_name=name.split("/")[-1],
+            dataset_id=dataset_id,
+            dataset_name=dataset_name,
+            test_split=test_split,
+            repo_id=self.args.hub_model_id or name,
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)

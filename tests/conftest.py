@@ -1,17 +1,16 @@
-import pytest
-import torch
+from local_hub import LocalHub, ensure_environment, shared_hub
 
-from hf_aace import PyramidNetConfig, WideResNetConfig
+# Before anything imports huggingface_hub, transformers, datasets or hf_aace: they read HF_ENDPOINT and HF_HOME once.
+HUB_SETTINGS = ensure_environment()
 
-
-@pytest.fixture
-def tiny_wide_resnet_config() -> WideResNetConfig:
-    return WideResNetConfig(depth=10, widen_factor=1, num_labels=3, id2label={0: "cat", 1: "dog", 2: "fox"})
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
-@pytest.fixture
-def tiny_pyramidnet_config() -> PyramidNetConfig:
-    return PyramidNetConfig(depth=8, alpha=12, num_labels=3, id2label={0: "cat", 1: "dog", 2: "fox"})
+@pytest.fixture(scope="session")
+def local_hub() -> LocalHub:
+    """The local Hub answering on HF_ENDPOINT, started once per test process."""
+    return shared_hub()
 
 
 @pytest.fixture(autouse=True)

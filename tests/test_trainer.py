@@ -359,3 +359,24 @@ def test_two_processes_perturb_independently_and_stay_identical(tmp_path):
     assert ranks[0]["weights"] == ranks[1]["weights"]
     losses = ranks[0]["losses"]
     assert sum(losses[-4:]) < sum(losses[:4])
+
+
+def test_overflowing_fp16_first_pass_skips_the_perturbation_and_is_counted(tmp_path):
+    # fp16 Trainer runs need CUDA; a CPU GradScaler with a huge scale drives the same code path on CPU.
+    model = tiny_wrn()
+    trainer = AACETrainer(model=model, args=make_args(tmp_path), train_dataset=make_dataset())
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = next(iter(trainer.get_train_dataloader()))
+    inputs["pixel_values"] = inputs["pixel_values"] * 1e6  # first-layer weight gradients overflow float32
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.training_step(trainer.model_wrapped, inputs)
+    assert trainer._metric_sums["skipped_perturbations"].item() == 1
+    assert trainer._metric_sums["perturbation_norm"].item() == 0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainer.training_step(trainer.model_wrapped, next(iter(trainer.get_train_dataloader())))
+    assert trainer._metric_sums["skipped_perturbations"].item() == 1  # a finite pass adds nothing
+    assert trainer._metric_sums["perturbation_norm"].item() > 0

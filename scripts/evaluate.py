@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Evaluate a trained image classifier (local directory or Hub id) on a dataset's test split.
+
+Prints accuracy, top-5 accuracy and cross-entropy. Images are prepared exactly as the model's saved image processor
+prepares them (size, padding, channels, mean and std). Runs on many processes under `accelerate launch`.
+
+    python scripts/evaluate.py --model outputs/demo --dataset digits
+"""
+
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
+
+from hf_aace import AACETrainer, AACETrainingArguments
+from hf_aace.data import BatchAugmentation, load_image_classification_dataset
+from hf_aace.metrics import compute_metrics, top_k_predictions
+
+
+@dataclass
+class EvaluationArguments:
+    model: str = field(metadata={"help": "Local directory or Hub id of the model (with its image processor)."})
+    dataset: str = field(
+        default="digits",
+        metadata={"help": "cifar10, cifar100, fashion_mnist, food101, digits, a Hub dataset id or a local directory."},
+    )
+    dataset_source: str | None = field(default=None, metadata={"help": "Load a preset's files from here instead."})
+    split: str = field(
+        default="test",
+        metadata={"help": "'test' (the dataset's test split) or 'train'.", "choices": ["test", "train"]},
+    )
+    image_column: str | None = field(default=None, metadata={"help": "Image column of a non-preset dataset."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column of a non-preset dataset."})
+    coarse_labels: bool = field(default=False, metadata={"help": "CIFAR-100: the 20 superclasses."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache of decoded datasets."})
+    batch_size: int = field(default=256, metadata={"help": "Images per device and batch."})
+    use_cpu: bool = field(default=False, metadata={"help": "Evaluate on the CPU even when a GPU is present."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's remote code."})
+    output_file: str | None = field(default=None, metadata={"help": "Also write the metrics to this JSON file."})
+
+
+def main(argv: list[str]) -> int:
+    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(argv)
+    processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForImageClassification.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    size = processor.size
+    data = load_image_classification_dataset(
+        args.dataset,
+        source=args.dataset_source,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        coarse_labels=args.coarse_labels,
+        image_size=(size["height"], size["width"]),
+        pad_to_square=bool(getattr(processor, "do_pad_to_square", False)),
+        num_channels=getattr(processor, "num_channels", None),
+        cache_dir=args.cache_dir,
+    )
+    if data.num_labels != model.config.num_labels:
+        raise ValueError(
+            f"{args.dataset} has {data.num_labels} classes but the model predicts {model.config.num_labels}: "
+            "evaluate on the dataset the model was trained for (see its model card)."
+        )
+    with tempfile.TemporaryDirectory() as output_dir:
+        training_args = AACETrainingArguments(
+            output_dir=output_dir,
+            sam_method="sgd",
+            per_device_eval_batch_size=args.batch_size,
+            use_cpu=args.use_cpu,
+            bf16=args.bf16,
+            report_to="none",
+            remove_unused_columns=False,
+        )
+        trainer = AACETrainer(
+            model=model,
+            args=training_args,
+            compute_metrics=compute_metrics,
+            preprocess_logits_for_metrics=top_k_predictions,
+            # Normalisation only: the processor's own mean and std.
+            augmentation=BatchAugmentation(processor.image_mean, processor.image_std),
+        )
+        split = data.test if args.split == "test" else data.train
+        metrics = trainer.evaluate(split, metric_key_prefix=args.split)
+    if trainer.is_world_process_zero():
+        name = data.test_split if args.split == "test" else "train"
+        print(f"{args.model} on {data.name} ({name} split, {len(split)} images):")
+        for key in ("accuracy", "top5_accuracy", "loss"):
+            print(f"  {key:14s} {metrics[f'{args.split}_{key}']:.4f}")
+        if args.output_file:
+            with open(args.output_file, "w") as file:
+                json.dump(metrics, file, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,356 @@
+"""Tests of hf_aace.data.loading: presets, column detection, decoding, validation and the tensor cache (offline)."""
+
+import io
+
+import datasets
+import numpy as np
+import PIL.ExifTags
+import PIL.Image
+import pytest
+import torch
+import yaml
+from transformers import default_data_collator
+
+from hf_aace.data import BatchAugmentation, ImageClassificationSplit, load_image_classification_dataset, loading
+from hf_aace.image_processing_aace import prepare_image
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """Keeps the arrow files `datasets.load_dataset` prepares out of the home directory."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+
+
+def encode(image, image_format="PNG"):
+    """PNG (or other format) bytes of a PIL image or uint8 array, as the Image feature stores them."""
+    image = image if isinstance(image, PIL.Image.Image) else PIL.Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def write_hub_dataset(root, features, splits, parquet_features=None):
+    """Writes `splits` ({split: {column: values}}) in the Hub layout: parquet shards plus a README declaring features.
+
+    `parquet_features` lets the parquet files carry other features than the README (to simulate inconsistent data).
+    """
+    data_files = []
+    for split, columns in splits.items():
+        shard = root / "plain_text" / f"{split}-00000-of-00001.parquet"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_dict(columns, features=parquet_features or features).to_parquet(str(shard))
+        data_files.append({"split": split, "path": f"plain_text/{split}-*"})
+    card = {
+        "dataset_info": {"config_name": "plain_text", "features": features._to_yaml_list()},
+        "configs": [{"config_name": "plain_text", "data_files": data_files, "default": True}],
+    }
+    (root / "README.md").write_text(f"---\n{yaml.safe_dump(card)}---\n")
+    return root
+
+
+def random_images(rng, count, shape):
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(count)]
+
+
+def class_label(count):
+    return datasets.ClassLabel(names=[f"class_{i}" for i in range(count)])
+
+
+def test_cifar10_preset_from_local_copy_converts_stray_modes(tmp_path):
+    rng = np.random.default_rng(0)
+    train = random_images(rng, 6, (32, 32, 3))
+    test = random_images(rng, 3, (32, 32, 3))
+    stray = [PIL.Image.fromarray(train[3][..., 0]), PIL.Image.fromarray(train[4]).convert("RGBA")]
+    stray.append(PIL.Image.fromarray(train[5]).convert("P"))
+    train_column = [encode(a) for a in train[:3]] + [encode(image) for image in stray]
+    features = datasets.Features({"img": datasets.Image(), "label": class_label(10)})
+    source = write_hub_dataset(
+        tmp_path / "cifar10",
+        features,
+        {
+            "train": {"img": train_column, "label": [0, 1, 2, 3, 4, 5]},
+            "test": {"img": [encode(a) for a in test], "label": [7, 8, 9]},
+        },
+    )
+
+    data = load_image_classification_dataset("cifar10", source=str(source), cache_dir=tmp_path / "cache")
+
+    assert data.dataset_id == "uoft-cs/cifar10" and data.source == str(source)
+    assert data.train.images.dtype == torch.uint8 and data.train.images.shape == (6, 3, 32, 32)
+    assert data.test.labels.tolist() == [7, 8, 9] and data.test.labels.dtype == torch.int64
+    assert (data.image_column, data.label_column, data.test_split) == ("img", "label", "test")
+    expected = [np.asarray(PIL.Image.fromarray(a).convert("RGB")) for a in train[:3]]
+    expected += [np.asarray(image.convert("RGB")) for image in stray]
+    assert np.array_equal(data.train.images.permute(0, 2, 3, 1).numpy(), np.stack(expected))
+    pixels = np.stack(expected).astype(np.float64) / 255
+    np.testing.assert_allclose(data.mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(data.std, pixels.reshape(-1, 3).std(axis=0, ddof=1), rtol=1e-12)
+    assert data.augmentation == {"crop_padding": 4, "flip": True, "cutout_size": 16, "cutout_p": 0.5}
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_cifar100_preset_fine_and_coarse_labels(tmp_path, coarse):
+    rng = np.random.default_rng(1)
+    features = datasets.Features(
+        {"img": datasets.Image(), "fine_label": class_label(100), "coarse_label": class_label(20)}
+    )
+    splits = {
+        split: {
+            "img": [encode(a) for a in random_images(rng, 4, (32, 32, 3))],
+            "fine_label": [99, 1, 2, 3],
+            "coarse_label": [19, 0, 1, 2],
+        }
+        for split in ("train", "test")
+    }
+    source = write_hub_dataset(tmp_path / "cifar100", features, splits)
+
+    data = load_image_classification_dataset(
+        "cifar100", source=str(source), coarse_labels=coarse, cache_dir=tmp_path / "cache"
+    )
+
+    assert data.num_labels == (20 if coarse else 100)
+    assert data.label_column == ("coarse_label" if coarse else "fine_label")
+    assert data.train.labels.tolist() == ([19, 0, 1, 2] if coarse else [99, 1, 2, 3])
+
+
+def test_fashion_mnist_preset_stays_grayscale(tmp_path):
+    rng = np.random.default_rng(2)
+    train = random_images(rng, 4, (28, 28))
+    rgb = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    features = datasets.Features({"image": datasets.Image(), "label": class_label(10)})
+    splits = {
+        "train": {"image": [encode(a) for a in train] + [encode(rgb)], "label": [0, 1, 2, 3, 4]},
+        "test": {"image": [encode(a) for a in train[:2]], "label": [5, 6]},
+    }
+    source = write_hub_dataset(tmp_path / "fashion_mnist", features, splits)
+
+    data = load_image_classification_dataset("fashion_mnist", source=str(source), cache_dir=tmp_path / "cache")
+
+    assert data.num_channels == 1 and data.train.images.shape == (5, 1, 28, 28)
+    assert np.array_equal(data.train.images[0, 0].numpy(), train[0])
+    assert np.array_equal(data.train.images[4, 0].numpy(), np.asarray(PIL.Image.fromarray(rgb).convert("L")))
+    assert len(data.mean) == 1 and data.augmentation["crop_padding"] is None and data.augmentation["flip"] is False
+
+
+def test_food101_preset_pads_resizes_and_matches_image_processor(tmp_path):
+    rng = np.random.default_rng(3)
+    shapes = [(40, 64, 3), (64, 40, 3), (50, 50, 3), (33, 47, 3), (64, 64, 3)]
+    originals = [PIL.Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in shapes]
+    jpegs = []
+    for image in originals:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG")
+        jpegs.append(buffer.getvalue())
+    features = datasets.Features({"image": datasets.Image(), "label": class_label(101)})
+    splits = {
+        "train": {"image": [{"bytes": b, "path": None} for b in jpegs[:3]], "label": [0, 50, 100]},
+        "validation": {"image": [{"bytes": b, "path": None} for b in jpegs[3:]], "label": [1, 2]},
+    }
+    source = write_hub_dataset(tmp_path / "food101", features, splits)
+
+    data = load_image_classification_dataset("food101", source=str(source), cache_dir=tmp_path / "cache")
+
+    assert data.test_split == "validation" and data.pad_to_square and data.image_size == (32, 32)
+    assert data.mean == (0.485, 0.456, 0.406) and data.std == (0.229, 0.224, 0.225)
+    decoded = [PIL.Image.open(io.BytesIO(b)) for b in jpegs[3:]]
+    expected = np.stack([np.asarray(prepare_image(image, 3, (32, 32), True)) for image in decoded])
+    assert np.array_equal(data.test.images.permute(0, 2, 3, 1).numpy(), expected)
+    # Padding is centred zeros: the 33-pixel-high image leaves black bands above and below.
+    assert data.test.images[0, :, :4].max() == 0 and data.test.images[0, :, -4:].max() == 0
+    # The saved processor on the original JPEG reproduces what evaluation sees, to float32 rounding.
+    processed = data.image_processor()(decoded, return_tensors="pt")["pixel_values"]
+    normalized = BatchAugmentation(data.mean, data.std).normalize(data.test.images)
+    torch.testing.assert_close(normalized, processed, rtol=0, atol=1e-6)
+
+    resized = load_image_classification_dataset(
+        "food101", source=str(source), image_size=16, cache_dir=tmp_path / "cache"
+    )
+    assert resized.train.images.shape == (3, 3, 16, 16)
+
+
+def test_digits_end_to_end_and_cache_hit(tmp_path, monkeypatch):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_image_classification_dataset("digits", cache_dir=tmp_path)
+
+    assert data.train.images.shape == (1437, 1, 8, 8) and data.test.images.shape == (360, 1, 8, 8)
+    assert data.train.images.dtype == torch.uint8 and data.train.labels.dtype == torch.int64
+    assert data.label_names == [str(i) for i in range(10)] and data.dataset_id == "sklearn.datasets.load_digits"
+    # The documented split and scaling, image by image.
+    digits = load_digits()
+    scaled = torch.from_numpy((digits.images.astype(np.int64) * 255 + 8) // 16).to(torch.uint8)[:, None]
+    train_index, test_index = train_test_split(np.arange(1797), test_size=0.2, stratify=digits.target, random_state=0)
+    for split, index in ((data.train, np.sort(train_index)), (data.test, np.sort(test_index))):
+        assert torch.equal(split.images, scaled[index])
+        assert split.labels.tolist() == digits.target[index].tolist()
+    assert int(data.train.images.max()) == 255
+    per_class = torch.bincount(data.test.labels) / torch.bincount(torch.from_numpy(digits.target))
+    assert ((per_class - 0.2).abs() < 0.01).all()
+    pixels = data.train.images.double() / 255
+    np.testing.assert_allclose(data.mean, [pixels.mean().item()], rtol=1e-12)
+    np.testing.assert_allclose(data.std, [pixels.std().item()], rtol=1e-12)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(loading, "_decode_images", fail)
+    again = load_image_classification_dataset("digits", cache_dir=tmp_path)
+    assert torch.equal(again.train.images, data.train.images) and torch.equal(again.test.labels, data.test.labels)
+    assert again.mean == data.mean and again.label_names == data.label_names
+    with pytest.raises(AssertionError, match="decoded again"):
+        load_image_classification_dataset("digits", cache_dir=tmp_path, image_size=16)
+
+
+def test_split_serves_trainer_batches(tmp_path):
+    images = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
+    split = ImageClassificationSplit(images, torch.arange(10))
+    item = split[3]
+    assert item["pixel_values"].dtype == torch.uint8 and torch.equal(item["pixel_values"], images[3])
+    assert item["labels"].dtype == torch.int64 and item["labels"].ndim == 0
+    loader = torch.utils.data.DataLoader(split, batch_size=4, shuffle=False, collate_fn=default_data_collator)
+    batch = next(iter(loader))
+    assert batch["pixel_values"].dtype == torch.uint8 and torch.equal(batch["pixel_values"], images[:4])
+    assert batch["labels"].dtype == torch.int64 and batch["labels"].tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="uint8"):
+        ImageClassificationSplit(images.long(), torch.arange(10))
+
+
+def test_generic_dataset_detects_columns_and_uses_validation(tmp_path):
+    rng = np.random.default_rng(4)
+    features = datasets.Features(
+        {"caption": datasets.Value("string"), "picture": datasets.Image(), "target": class_label(3)}
+    )
+    splits = {
+        split: {
+            "caption": ["x"] * 3,
+            "picture": [encode(a) for a in random_images(rng, 3, (6, 5))],
+            "target": [0, 1, 2],
+        }
+        for split in ("train", "validation")
+    }
+    source = write_hub_dataset(tmp_path / "generic", features, splits)
+
+    data = load_image_classification_dataset(str(source), cache_dir=tmp_path / "cache")
+
+    assert (data.image_column, data.label_column, data.test_split) == ("picture", "target", "validation")
+    assert data.train.images.shape == (3, 1, 6, 5) and data.label_names == ["class_0", "class_1", "class_2"]
+    assert data.augmentation == {"crop_padding": 1, "flip": True, "cutout_size": 2, "cutout_p": 0.5}
+
+
+def test_integer_label_column_by_name(tmp_path):
+    rng = np.random.default_rng(5)
+    features = datasets.Features({"a": datasets.Image(), "b": datasets.Image(), "y": datasets.Value("int64")})
+    splits = {
+        split: {
+            "a": [encode(x) for x in random_images(rng, 2, (4, 4, 3))],
+            "b": [encode(x) for x in random_images(rng, 2, (4, 4, 3))],
+            "y": [0, 3],
+        }
+        for split in ("train", "test")
+    }
+    source = write_hub_dataset(tmp_path / "two_images", features, splits)
+    with pytest.raises(ValueError, match="image_column=") as error:
+        load_image_classification_dataset(str(source), label_column="y", cache_dir=tmp_path / "cache")
+    assert "'a'" in str(error.value) and "'b'" in str(error.value)
+    with pytest.raises(ValueError, match="label_column="):
+        load_image_classification_dataset(str(source), image_column="a", cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="'nope' not found"):
+        load_image_classification_dataset(str(source), image_column="nope", label_column="y", cache_dir=tmp_path)
+
+    data = load_image_classification_dataset(str(source), image_column="b", label_column="y", cache_dir=tmp_path)
+    assert data.label_names == ["0", "1", "2", "3"] and data.num_channels == 3
+
+
+def test_bad_names_and_arguments(tmp_path):
+    with pytest.raises(ValueError, match="cifar10, cifar100, fashion_mnist, food101, digits"):
+        load_image_classification_dataset("cifar1000", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="coarse_labels"):
+        load_image_classification_dataset("cifar10", coarse_labels=True, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="fixes its columns"):
+        load_image_classification_dataset("cifar10", label_column="x", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="image_size"):
+        load_image_classification_dataset("digits", image_size=(8, 0), cache_dir=tmp_path)
+
+
+def test_missing_test_split(tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": class_label(2)})
+    source = write_hub_dataset(
+        tmp_path / "d", features, {"train": {"image": [encode(np.zeros((2, 2), np.uint8))], "label": [0]}}
+    )
+    with pytest.raises(ValueError, match="no 'test' or 'validation' split"):
+        load_image_classification_dataset(str(source), cache_dir=tmp_path / "cache")
+
+
+def test_corrupted_image_names_split_and_row(tmp_path):
+    rng = np.random.default_rng(6)
+    test_column = [encode(a) for a in random_images(rng, 3, (4, 4, 3))]
+    test_column[2] = {"bytes": test_column[2]["bytes"][:30], "path": None}
+    features = datasets.Features({"image": datasets.Image(), "label": class_label(2)})
+    splits = {
+        "train": {"image": [encode(a) for a in random_images(rng, 2, (4, 4, 3))], "label": [0, 1]},
+        "test": {"image": test_column, "label": [0, 1, 0]},
+    }
+    source = write_hub_dataset(tmp_path / "d", features, splits)
+    with pytest.raises(ValueError, match="split 'test', row 2"):
+        load_image_classification_dataset(str(source), cache_dir=tmp_path / "cache")
+
+
+def test_labels_outside_class_range(tmp_path):
+    rng = np.random.default_rng(7)
+    images = {split: [encode(a) for a in random_images(rng, 3, (4, 4))] for split in ("train", "test")}
+    declared = datasets.Features({"image": datasets.Image(), "label": class_label(2)})
+    stored = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    splits = {
+        "train": {"image": images["train"], "label": [0, 1, 1]},
+        "test": {"image": images["test"], "label": [0, 5, 1]},
+    }
+    source = write_hub_dataset(tmp_path / "d", declared, splits, parquet_features=stored)
+    with pytest.raises(ValueError, match="Label 5 in split 'test', row 1"):
+        load_image_classification_dataset(str(source), cache_dir=tmp_path / "cache")
+
+    unlabelled = {"train": splits["train"], "test": {"image": images["test"], "label": [-1, -1, -1]}}
+    source = write_hub_dataset(tmp_path / "u", declared, unlabelled)
+    with pytest.raises(ValueError, match="Label -1 in split 'test', row 0"):
+        load_image_classification_dataset(str(source), cache_dir=tmp_path / "cache")
+
+
+def test_varying_sizes_need_image_size(tmp_path):
+    rng = np.random.default_rng(8)
+    features = datasets.Features({"image": datasets.Image(), "label": class_label(2)})
+    splits = {
+        split: {
+            "image": [encode(rng.integers(0, 256, s, dtype=np.uint8)) for s in [(8, 8, 3), (6, 10, 3)]],
+            "label": [0, 1],
+        }
+        for split in ("train", "test")
+    }
+    source = write_hub_dataset(tmp_path / "d", features, splits)
+    with pytest.raises(ValueError, match=r"split 'train', row 1 is 6x10.*pass image_size"):
+        load_image_classification_dataset(str(source), cache_dir=tmp_path / "cache")
+    data = load_image_classification_dataset(
+        str(source), image_size=8, pad_to_square=True, cache_dir=tmp_path / "cache"
+    )
+    assert data.test.images.shape == (2, 3, 8, 8) and data.image_size == (8, 8)
+    assert data.image_processor().do_pad_to_square is True
+
+
+def test_decoding_matches_datasets_with_exif_orientation(tmp_path):
+    rng = np.random.default_rng(9)
+    rotated = PIL.Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8))
+    exif = PIL.Image.Exif()
+    exif[PIL.ExifTags.Base.Orientation] = 6
+    buffer = io.BytesIO()
+    rotated.save(buffer, format="JPEG", exif=exif)
+    column = [{"bytes": buffer.getvalue(), "path": None}, encode(rng.integers(0, 256, (20, 12, 3), dtype=np.uint8))]
+    features = datasets.Features({"image": datasets.Image(), "label": class_label(2)})
+    source = write_hub_dataset(
+        tmp_path / "d", features, {s: {"image": column, "label": [0, 1]} for s in ("train", "test")}
+    )
+
+    data = load_image_classification_dataset(str(source), cache_dir=tmp_path / "cache")
+
+    decoded = datasets.load_dataset(str(source))["test"]["image"]
+    assert decoded[0].size == (12, 20)  # datasets applied the rotation
+    expected = np.stack([np.asarray(image.convert("RGB")) for image in decoded])
+    assert np.array_equal(data.test.images.permute(0, 2, 3, 1).numpy(), expected)

@@ -1,0 +1,193 @@
+"""End-to-end tests of scripts/train.py and scripts/evaluate.py, with the Hub served on 127.0.0.1."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from local_hub import dead_endpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "scripts" / "train.py"
+EVALUATE = ROOT / "scripts" / "evaluate.py"
+QUICK = [
+    "--model", "wide_resnet", "--depth", "10", "--widen_factor", "1", "--dataset", "digits",
+    "--per_device_train_batch_size", "64", "--learning_rate", "0.1", "--use_cpu", "--disable_tqdm", "true",
+    "--logging_steps", "1",
+]  # fmt: skip
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("train_script", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(script: Path, *args: str, env: dict | None = None, cache: Path | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, **(env or {})}
+    extra = ["--cache_dir", str(cache)] if cache is not None else []
+    return subprocess.run(
+        [sys.executable, str(script), *args, *extra], capture_output=True, text=True, env=environment, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One short training run shared by the output checks below."""
+    output = tmp_path_factory.mktemp("run") / "out"
+    cache = tmp_path_factory.mktemp("cache")
+    result = run(TRAIN, *QUICK, "--max_steps", "6", "--eval_strategy", "steps", "--eval_steps", "3",
+                 "--save_steps", "3", "--output_dir", str(output), cache=cache)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return output, cache, result
+
+
+def test_run_writes_a_complete_publishable_model(trained_run):
+    output, _, result = trained_run
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "modeling_wide_resnet.py",
+                 "configuration_wide_resnet.py", "image_processing_aace.py", "all_results.json", "run_arguments.json",
+                 "README.md", "trainer_state.json"):  # fmt: skip
+        assert (output / name).is_file(), name
+    assert sorted(p.name for p in (output / "plots").glob("*.png")) == [
+        "accuracy.png",
+        "losses.png",
+        "perturbation.png",
+    ]
+    assert list((output / "runs").rglob("events.out.tfevents.*")), "no TensorBoard logs"
+    assert (output / "checkpoint-6" / "augmentation_state_0.pth").is_file()
+
+    results = json.loads((output / "all_results.json").read_text())
+    for key in ("test_accuracy", "test_top5_accuracy", "test_loss", "train_eval_accuracy", "train_eval_top5_accuracy",
+                "train_eval_loss", "train_loss"):  # fmt: skip
+        assert key in results, key
+    assert f"Test accuracy: {results['test_accuracy']:.4f}" in result.stdout
+
+    arguments = json.loads((output / "run_arguments.json").read_text())
+    assert arguments["model"]["depth"] == 10 and arguments["training"]["sam_method"] == "aace"
+
+    card = (output / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-classification"
+    assert {"sam", "aace"} <= set(metadata["tags"])
+    measured = metadata["model-index"][0]["results"][0]["metrics"][0]
+    assert measured["type"] == "accuracy" and measured["value"] == pytest.approx(results["test_accuracy"])
+    assert "trust_remote_code=True" in card and "Ratchatorn" in card and '"rho": 0.2' in card
+
+
+def test_logged_metrics_include_the_perturbation(trained_run):
+    output, _, _ = trained_run
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in history if "loss" in entry]
+    assert len(logged) == 6
+    for key in ("perturbation_loss", "perturbation_grad_norm", "perturbation_norm", "clean_loss", "clean_accuracy"):
+        assert all(key in entry for entry in logged), key
+    assert [e["eval_accuracy"] for e in history if "eval_accuracy" in e]
+
+
+def test_rerun_resumes_from_the_last_checkpoint(trained_run, tmp_path):
+    output, cache, _ = trained_run
+    copy = tmp_path / "out"
+    subprocess.run(["cp", "-r", str(output), str(copy)], check=True)
+    result = run(TRAIN, *QUICK, "--max_steps", "8", "--save_steps", "3", "--eval_strategy", "no",
+                 "--output_dir", str(copy), cache=cache)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Resuming from" in result.stderr and "checkpoint-6" in result.stderr
+    history = json.loads((copy / "trainer_state.json").read_text())["log_history"]
+    steps = [entry["step"] for entry in history if "loss" in entry]
+    assert steps[-2:] == [7, 8] and steps.count(7) == 1
+
+
+def test_evaluate_script_reproduces_the_training_test_metrics(trained_run):
+    output, cache, _ = trained_run
+    results = json.loads((output / "all_results.json").read_text())
+    result = run(EVALUATE, "--model", str(output), "--dataset", "digits", "--use_cpu", cache=cache)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"accuracy       {results['test_accuracy']:.4f}" in result.stdout
+    assert f"loss           {results['test_loss']:.4f}" in result.stdout
+
+
+def test_paper_recipe_and_explicit_flags_override_it(tmp_path):
+    train = load_train_module()
+    model_args, _, recipe, args = train.parse_arguments(
+        ["--recipe", "paper", "--model", "pyramidnet", "--output_dir", str(tmp_path), "--learning_rate", "0.05"]
+    )
+    assert recipe.recipe == "paper"
+    assert (model_args.depth, model_args.alpha, model_args.bottleneck) == (272, 200, False)
+    assert args.per_device_train_batch_size == 64 and args.num_train_epochs == 200
+    assert args.learning_rate == 0.05  # the explicit flag wins
+    assert args.optim == "sgd" and args.optim_args == "momentum=0.9" and args.weight_decay == 5e-4
+    assert args.weight_decay_all_parameters and args.lr_milestones == [0.3, 0.6, 0.8] and args.lr_gamma == 0.2
+    assert args.max_grad_norm == 0.0 and args.seed == 42 and args.sam_method == "aace" and args.rho == 0.2
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"recipe": "paper", "model": "wide_resnet", "output_dir": str(tmp_path), "seed": 7}))
+    model_args, _, _, args = train.parse_arguments([str(config)])
+    assert (model_args.depth, model_args.widen_factor) == (28, 10)
+    assert args.per_device_train_batch_size == 256 and args.seed == 7
+
+
+def test_recipe_rejects_models_it_does_not_cover(tmp_path):
+    train = load_train_module()
+    with pytest.raises(ValueError, match="--recipe paper needs --model wide_resnet or pyramidnet"):
+        train.parse_arguments(["--recipe", "paper", "--model", "some/checkpoint", "--output_dir", str(tmp_path)])
+
+
+def test_push_to_local_hub_then_load_evaluate_and_classify(local_hub, tmp_path):
+    repo = "hf-aace-tester/wrn-digits"
+    output = tmp_path / "out"
+    result = run(TRAIN, *QUICK, "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no",
+                 "--output_dir", str(output), "--push_to_hub", "--hub_model_id", repo, cache=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"Pushed to {repo}" in result.stdout
+    results = json.loads((output / "all_results.json").read_text())
+
+    script = textwrap.dedent(
+        f"""
+        import sys
+        if sys.argv[1] == "without":
+            sys.modules["hf_aace"] = None  # the Hub copy of the code must do on its own
+        else:
+            import hf_aace
+        import numpy as np, PIL.Image, torch
+        from huggingface_hub import list_repo_files
+        from transformers import AutoModelForImageClassification, pipeline
+        files = set(list_repo_files({repo!r}))
+        assert {{"README.md", "model.safetensors", "modeling_wide_resnet.py", "all_results.json"}} <= files, files
+        model = AutoModelForImageClassification.from_pretrained({repo!r}, trust_remote_code=True)
+        print("module", type(model).__module__)
+        classifier = pipeline("image-classification", model={repo!r}, trust_remote_code=True)
+        prediction = classifier(PIL.Image.fromarray(np.full((8, 8), 200, dtype=np.uint8)), top_k=1)
+        assert prediction[0]["label"] in [str(i) for i in range(10)], prediction
+        print("ok")
+        """
+    )
+    for mode in ("without", "with"):
+        loaded = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, cwd=tmp_path)
+        assert loaded.returncode == 0, loaded.stderr[-4000:]
+        assert "ok" in loaded.stdout
+        expected = "transformers_modules" if mode == "without" else "hf_aace"
+        assert f"module {expected}" in loaded.stdout
+
+    evaluated = run(
+        EVALUATE, "--model", repo, "--dataset", "digits", "--use_cpu", "--trust_remote_code", cache=tmp_path
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+    assert f"accuracy       {results['test_accuracy']:.4f}" in evaluated.stdout
+
+
+def test_failed_push_keeps_the_results_and_says_what_to_do(tmp_path):
+    output = tmp_path / "out"
+    result = run(TRAIN, *QUICK, "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no",
+                 "--output_dir", str(output), "--push_to_hub", "--hub_model_id", "hf-aace-tester/unreachable",
+                 env={"HF_ENDPOINT": dead_endpoint()}, cache=tmp_path)  # fmt: skip
+    assert result.returncode == 1
+    assert "Push to the Hub failed" in result.stderr and "Nothing is lost" in result.stderr
+    assert "hf upload hf-aace-tester/unreachable" in result.stderr
+    for name in ("model.safetensors", "config.json", "README.md", "all_results.json"):
+        assert (output / name).is_file(), name
