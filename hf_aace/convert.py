@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
+from .hub import CITATION, architecture_name
 from .image_processing_aace import AACEImageProcessor
 from .models import (
     PyramidNetConfig,
@@ -30,15 +31,6 @@ from .models import (
 logger = logging.get_logger(__name__)
 
 ARCHITECTURES = ("wide_resnet", "pyramidnet")
-
-PAPER_CITATION = """@inproceedings{ratchatorn2024aace,
-  title     = {Adaptive Adversarial Cross-Entropy Loss for Sharpness-Aware Minimization},
-  author    = {Ratchatorn, Tanapat and Tanaka, Masayuki},
-  booktitle = {2024 IEEE International Conference on Image Processing (ICIP)},
-  pages     = {479--485},
-  year      = {2024},
-  doi       = {10.1109/ICIP51287.2024.10647582}
-}"""
 
 _CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -470,7 +462,9 @@ def convert_reference_checkpoint(
         )
     model.load_state_dict({target: tensor for target, (_, tensor) in converted.items()}, strict=True)
     model.eval()
-    logger.info("Converted %d tensors of a reference checkpoint into %s.", len(converted), _architecture_name(model))
+    logger.info(
+        "Converted %d tensors of a reference checkpoint into %s.", len(converted), architecture_name(model.config)
+    )
     return model
 
 
@@ -484,14 +478,6 @@ def reference_image_processor(dataset: str) -> AACEImageProcessor:
         image_mean=list(reference.image_mean),
         image_std=list(reference.image_std),
     )
-
-
-def _architecture_name(model: PreTrainedModel) -> str:
-    config = model.config
-    if isinstance(config, WideResNetConfig):
-        return f"WideResNet-{config.depth}-{config.widen_factor} (pre-activation)"
-    kind = "bottleneck" if config.bottleneck else "basic"
-    return f"PyramidNet-{config.depth}, alpha {config.alpha}, {kind} units"
 
 
 def conversion_model_card(model: PreTrainedModel, dataset: str, source: str, repo_id: str | None = None) -> str:
@@ -523,7 +509,7 @@ datasets:
 - {reference.hub_id}
 ---
 
-# {_architecture_name(model)} on {reference.name}, converted from the AACE paper's code
+# {architecture_name(model.config)} on {reference.name}, converted from the AACE paper's code
 
 Converted, not retrained: these are the weights of the checkpoint `{source}`, written by the reproduction code of
 Ratchatorn & Tanaka, "Adaptive Adversarial Cross-Entropy Loss for Sharpness-Aware Minimization" (ICIP 2024,
@@ -534,7 +520,7 @@ accurate it is: evaluate it before relying on it.
 
 ## Architecture
 
-- {_architecture_name(model)}, {config.num_labels} classes, {config.num_channels} input channel(s), {pooling}
+- {architecture_name(model.config)}, {config.num_labels} classes, {config.num_channels} input channel(s), {pooling}
   before the classifier, as the paper's code builds it for {reference.name}.
 - Input: {size}x{size} images.
 
@@ -558,7 +544,7 @@ logits = model(**processor(image, return_tensors="pt")).logits
 ## Citation
 
 ```bibtex
-{PAPER_CITATION}
+{CITATION}
 ```
 """
 

@@ -22,7 +22,7 @@ EPSILON = 1e-12
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm of all tensors taken together, as a 0-dim float32 tensor on their device (no host sync)."""
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(tensors)]))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, dtype=torch.float32)))
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import transformers
 from transformers import AutoModelForImageClassification, HfArgumentParser, set_seed
@@ -96,6 +96,7 @@ SCRIPT_DEFAULTS = {
     "logging_steps": 20,
     "report_to": ["tensorboard"],
     "remove_unused_columns": False,
+    "ddp_find_unused_parameters": False,  # every parameter of these CNNs gets a gradient
 }
 
 
@@ -134,11 +135,16 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Rec
     if len(argv) == 1 and argv[0].endswith(".json"):
         with open(argv[0]) as file:
             values = json.load(file)
-        recipe = paper_recipe(values.get("model", "wide_resnet"), int(os.environ.get("WORLD_SIZE", 1)))
         if values.get("recipe") == "paper":
-            values = {**recipe, **values}
+            values = {
+                **paper_recipe(values.get("model", "wide_resnet"), int(os.environ.get("WORLD_SIZE", 1))),
+                **values,
+            }
         return parser.parse_dict({**SCRIPT_DEFAULTS, **values})
-    model_args, data_args, recipe_args, _ = parser.parse_args_into_dataclasses(argv)
+    # Read --model and --recipe first, without building TrainingArguments (that sets up the distributed state).
+    model_args, recipe_args, _ = HfArgumentParser((ModelArguments, RecipeArguments)).parse_args_into_dataclasses(
+        argv, return_remaining_strings=True
+    )
     if recipe_args.recipe == "paper":
         # Recipe values become defaults, so flags given on the command line still override them.
         parser.set_defaults(**paper_recipe(model_args.model, int(os.environ.get("WORLD_SIZE", 1))))
@@ -260,11 +266,17 @@ def main(argv: list[str]) -> int:
 
 
 def changed_training_arguments(training_args: AACETrainingArguments) -> dict:
-    """The training arguments that differ from their defaults, plus every AACE setting (the card shows these)."""
-    defaults = AACETrainingArguments(output_dir=training_args.output_dir, sam_method=training_args.sam_method)
-    default_values, values = defaults.to_dict(), training_args.to_dict()
+    """The training arguments that differ from their declared defaults, plus every AACE setting (for the card)."""
+    # Field defaults, not a second TrainingArguments instance: building one would touch the distributed state.
+    defaults = {f.name: f.default for f in fields(AACETrainingArguments) if f.default is not MISSING}
     aace = {"sam_method", "rho", "normalize_perturbation", "aace_threshold", "aace_mode"}
-    return {k: v for k, v in values.items() if k in aace or v != default_values.get(k)}
+    derived = {"accelerator_config", "debug", "hub_token", "dataloader_pin_memory", "activation_checkpointing"}
+    return {
+        key: value
+        for key, value in training_args.to_dict().items()
+        if key in aace
+        or (key in defaults and key not in derived and value != getattr(defaults[key], "value", defaults[key]))
+    }
 
 
 def warn_if_hub_unreachable(token: str | None) -> None:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference_networks import build_reference_network, randomize_
 from transformers import AutoModelForImageClassification, PreTrainedModel
 
 from hf_aace.convert import REFERENCE_DATASETS, convert_reference_checkpoint, reference_image_processor
+
+from reference_networks import build_reference_network, randomize_
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = REPO_ROOT.parent / "shared" / "reference" / "checkpoint_layouts.txt"
@@ -269,7 +270,7 @@ def test_script_writes_a_folder_that_loads_without_hf_aace(small_reference, smal
 
     card = (out / "README.md").read_text()
     assert "https://example.org/wrn10_1_cifar10.pth" in card and "Converted, not retrained" in card
-    assert "10.1109/ICIP51287.2024.10647582" in card and "WideResNet-10-1" in card
+    assert "10.1109/ICIP51287.2024.10647582" in card and "WRN-10-1" in card
     assert json.loads((out / "preprocessor_config.json").read_text())["image_mean"] == [0.4914, 0.4822, 0.4465]
 
     # A fresh interpreter without the repository on its path: only the saved remote code can build the model.

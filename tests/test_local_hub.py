@@ -1,6 +1,7 @@
 """Tests of the local Hub (tests/local_hub.py): what the clients push through `HF_ENDPOINT` comes back intact."""
 
 import pytest
+
 from local_hub import DEFAULT_USER, HubSettings, LocalHub, dead_endpoint, ensure_environment, free_port, shared_hub
 
 # The Hugging Face clients read HF_ENDPOINT when they are imported: configure it first (a no-op once conftest.py has

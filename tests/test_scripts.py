@@ -8,8 +8,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import datasets
+import numpy as np
 import pytest
 import yaml
+
+from hub_datasets import encode, write_hub_dataset
 from local_hub import dead_endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,6 +185,26 @@ def test_push_to_local_hub_then_load_evaluate_and_classify(local_hub, tmp_path):
     assert f"accuracy       {results['test_accuracy']:.4f}" in evaluated.stdout
 
 
+def test_train_on_a_hub_dataset_served_by_the_local_hub(local_hub, tmp_path):
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"picture": datasets.Image(), "kind": datasets.ClassLabel(names=["a", "b", "c"])})
+    splits = {
+        split: {"picture": [encode(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)) for _ in range(n)],
+                "kind": rng.integers(0, 3, n).tolist()}
+        for split, n in (("train", 24), ("test", 9))
+    }  # fmt: skip
+    local_hub.seed_dataset_repo("hf-aace-tester/tiny-pictures", write_hub_dataset(tmp_path / "data", features, splits))
+    output = tmp_path / "out"
+    result = run(TRAIN, *QUICK, "--dataset", "hf-aace-tester/tiny-pictures", "--max_steps", "2", "--eval_strategy",
+                 "no", "--save_strategy", "no", "--output_dir", str(output), cache=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    config = json.loads((output / "config.json").read_text())
+    assert config["num_channels"] == 3 and config["id2label"] == {"0": "a", "1": "b", "2": "c"}
+    assert "test split, 9 images" in result.stdout
+    card = yaml.safe_load((output / "README.md").read_text().split("---")[1])
+    assert card["datasets"] == ["hf-aace-tester/tiny-pictures"]
+
+
 def test_failed_push_keeps_the_results_and_says_what_to_do(tmp_path):
     output = tmp_path / "out"
     result = run(TRAIN, *QUICK, "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no",
@@ -191,3 +215,41 @@ def test_failed_push_keeps_the_results_and_says_what_to_do(tmp_path):
     assert "hf upload hf-aace-tester/unreachable" in result.stderr
     for name in ("model.safetensors", "config.json", "README.md", "all_results.json"):
         assert (output / name).is_file(), name
+
+
+@pytest.mark.hub
+@pytest.mark.skipif(
+    not (os.environ.get("HF_AACE_HUB_TOKEN") and os.environ.get("HF_AACE_HUB_USER")),
+    reason="set HF_AACE_HUB_TOKEN and HF_AACE_HUB_USER (and have network) to test against the real Hub",
+)
+def test_push_to_the_real_hub_and_load_back(tmp_path):
+    repo = f"{os.environ['HF_AACE_HUB_USER']}/hf-aace-test-{os.getpid()}"
+    env = {"HF_ENDPOINT": "https://huggingface.co", "HF_TOKEN": os.environ["HF_AACE_HUB_TOKEN"]}
+    result = run(TRAIN, *QUICK, "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no",
+                 "--output_dir", str(tmp_path / "out"), "--push_to_hub", "--hub_model_id", repo, "--hub_private_repo",
+                 "true", env=env, cache=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    script = (
+        "import sys; sys.modules['hf_aace'] = None\n"
+        "from transformers import AutoModelForImageClassification\n"
+        f"AutoModelForImageClassification.from_pretrained({repo!r}, trust_remote_code=True)\n"
+        "from huggingface_hub import delete_repo\n"
+        f"delete_repo({repo!r})\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, **env})
+    assert loaded.returncode == 0, loaded.stderr[-4000:]
+
+
+def test_train_script_under_accelerate_launch_on_two_processes(tmp_path):
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN), *QUICK,
+               "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no", "--output_dir", str(output),
+               "--cache_dir", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("Test accuracy:") == 1  # printed by the main process only
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3]
+    arguments = json.loads((output / "run_arguments.json").read_text())
+    assert arguments["training"]["ddp_find_unused_parameters"] is False

@@ -380,3 +380,19 @@ def test_overflowing_fp16_first_pass_skips_the_perturbation_and_is_counted(tmp_p
     trainer.training_step(trainer.model_wrapped, next(iter(trainer.get_train_dataloader())))
     assert trainer._metric_sums["skipped_perturbations"].item() == 1  # a finite pass adds nothing
     assert trainer._metric_sums["perturbation_norm"].item() > 0
+
+
+@pytest.mark.parametrize("flag", ["is_deepspeed_enabled", "is_fsdp_enabled"])
+def test_deepspeed_and_fsdp_are_refused(tmp_path, monkeypatch, flag):
+    # Both need a distributed launch to enable; pretend the Trainer's accelerator set-up enabled one.
+    from transformers import Trainer
+
+    original = Trainer.create_accelerator_and_postprocess
+
+    def enable(self):
+        original(self)
+        setattr(self, flag, True)
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", enable)
+    with pytest.raises(ValueError, match="does not support DeepSpeed or FSDP yet"):
+        AACETrainer(model=tiny_wrn(), args=make_args(tmp_path), train_dataset=make_dataset())

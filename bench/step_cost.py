@@ -1,0 +1,390 @@
+"""Cost of one AACETrainer optimizer step for sgd, sam, asam and aace, side by side in one run.
+
+Every method trains the same model object on the same fixed batch through `AACETrainer.train()`, so the timed step is
+exactly the Trainer's loop: fetch and collate the batch, `training_step` (one pass for sgd, two for the sharpness-aware
+methods), gradient norm, `optimizer.step()`, `lr_scheduler.step()`, `zero_grad()`. A callback stamps the clock at every
+`on_step_end` (after `torch.cuda.synchronize()` on CUDA); a step's time is the gap between two consecutive stamps.
+The first `--warmup` steps of every `train()` call are not timed.
+
+Methods run round-robin: repeat 1 runs sgd, sam, asam, aace; repeat 2 runs them in reverse order; and so on, so that
+drift of a shared machine affects every method alike. Reported: the median step time over all timed steps, images/s
+at that median, the ratio of the median to sgd's median, and peak memory:
+
+- CUDA: `torch.cuda.max_memory_allocated()` during the method's first `train()` call, minus what was allocated when
+  it started (the method's optimizer state, perturbation buffers, gradients and activations above the model weights);
+- CPU: the rise of the process's peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs after
+  returning freed heap with malloc_trim) during the method's first `train()` call, the same quantity as seen by the OS
+  (allocator caching included, so it is coarse).
+
+The inputs are random normalised floats (no augmentation): this measures the optimizer step, not the data pipeline
+(bench/reference_loop.py measures end to end).
+
+Usage:
+    python bench/step_cost.py [--models wrn-16-4 pyramidnet-20-48] [--batch_size 128] [--steps 2] [--warmup 1]
+        [--repeats 3] [--methods sgd sam asam aace] [--device cpu|cuda] [--bf16] [--channels_last] [--compile]
+        [--output_json PATH] [--output_md PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+import transformers
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+import hf_aace
+from hf_aace import (
+    AACETrainer,
+    AACETrainingArguments,
+    PyramidNetConfig,
+    PyramidNetForImageClassification,
+    WideResNetConfig,
+    WideResNetForImageClassification,
+)
+
+METHODS = ("sgd", "sam", "asam", "aace")
+MODEL_PATTERN = re.compile(r"^(wrn)-(\d+)-(\d+)$|^(pyramidnet)-(\d+)-(\d+)(-bottleneck)?$")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what platform reports)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_header(device: str) -> list[str]:
+    """Markdown lines recording date, machine and versions, as every benchmark result must."""
+    lines = [
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores visible, torch threads {torch.get_num_threads()}",
+    ]
+    try:
+        load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+        lines.append(f"- load average at start (1, 5, 15 min): {load}")
+    except OSError:
+        pass
+    if device == "cuda":
+        lines.append(f"- GPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
+    lines.append(
+        f"- versions: Python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, hf_aace {hf_aace.__version__}"
+    )
+    return lines
+
+
+def build_model(spec: str, num_labels: int = 10) -> torch.nn.Module:
+    """A fresh model from a short name: `wrn-DEPTH-WIDEN` or `pyramidnet-DEPTH-ALPHA[-bottleneck]`."""
+    match = MODEL_PATTERN.match(spec)
+    if match is None:
+        raise ValueError(
+            f"Unknown model {spec!r}; use wrn-DEPTH-WIDEN (e.g. wrn-16-4, wrn-28-10) or pyramidnet-DEPTH-ALPHA "
+            "[-bottleneck] (e.g. pyramidnet-20-48, pyramidnet-272-200)."
+        )
+    if match.group(1):
+        config = WideResNetConfig(depth=int(match.group(2)), widen_factor=int(match.group(3)), num_labels=num_labels)
+        return WideResNetForImageClassification(config)
+    config = PyramidNetConfig(
+        depth=int(match.group(5)), alpha=int(match.group(6)), bottleneck=bool(match.group(7)), num_labels=num_labels
+    )
+    return PyramidNetForImageClassification(config)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class StepTimer(TrainerCallback):
+    """Stamps the clock at the end of every optimizer step of a `train()` call."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.stamps: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.stamps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def step_times(self, warmup: int) -> list[float]:
+        """Durations of the steps after the first `warmup` (warmup >= 1: the first step has no start stamp)."""
+        return [later - earlier for earlier, later in zip(self.stamps[warmup - 1 :], self.stamps[warmup:])]
+
+
+class PeakMemory:
+    """Peak memory rise during a block: CUDA allocator peak, or the process's peak RSS (Linux) on CPU."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.rise_bytes: int | None = None
+        self._libc = None
+        if device == "cpu":
+            try:
+                self._libc = ctypes.CDLL("libc.so.6")
+            except OSError:
+                self._libc = None
+
+    @staticmethod
+    def _status_kib(field: str) -> int | None:
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return None
+
+    def __enter__(self) -> PeakMemory:
+        self.rise_bytes = None
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # resets VmHWM to the current RSS
+            self._start = self._status_kib("VmRSS")
+        except OSError:
+            self._start = None
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.rise_bytes = torch.cuda.max_memory_allocated() - self._start
+        elif self._start is not None:
+            peak = self._status_kib("VmHWM")
+            self.rise_bytes = None if peak is None else (peak - self._start) * 1024
+
+
+class FixedBatch(torch.utils.data.Dataset):
+    """`length` items cycling over one batch of inputs, so that every step sees the same images."""
+
+    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor, length: int):
+        self.pixel_values, self.labels, self.length = pixel_values, labels, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index %= self.pixel_values.shape[0]
+        return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
+
+
+def training_arguments(method: str, output_dir: str, cli: argparse.Namespace, max_steps: int, **overrides):
+    """The paper's optimizer settings (SGD momentum 0.9, lr 0.1, weight decay 5e-4 on all parameters, no clipping)."""
+    values = {
+        "output_dir": output_dir,
+        "sam_method": method,
+        "per_device_train_batch_size": cli.batch_size,
+        "max_steps": max_steps,
+        "learning_rate": 0.1,
+        "optim": "sgd",
+        "optim_args": "momentum=0.9",
+        "weight_decay": 5e-4,
+        "weight_decay_all_parameters": True,
+        "max_grad_norm": 0.0,
+        "lr_scheduler_type": "constant",
+        "logging_strategy": "no",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "remove_unused_columns": False,
+        "dataloader_num_workers": 0,
+        "use_cpu": cli.device == "cpu",
+        "bf16": cli.bf16,
+        "torch_compile": cli.compile,
+        "seed": 42,
+    }
+    values.update(overrides)
+    return AACETrainingArguments(**values)
+
+
+def median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def format_mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.0f}"
+
+
+def run(cli: argparse.Namespace) -> dict:
+    device = cli.device
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(cli.batch_size, 3, cli.image_size, cli.image_size, generator=generator)
+    labels = torch.randint(0, 10, (cli.batch_size,), generator=generator)
+    max_steps = cli.warmup + cli.steps
+    dataset = FixedBatch(pixel_values, labels, cli.batch_size * max_steps)
+    results = {"models": {}}
+    with tempfile.TemporaryDirectory() as output_dir:
+        for spec in cli.models:
+            torch.manual_seed(0)
+            model = build_model(spec)
+            if cli.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            parameters = sum(p.numel() for p in model.parameters())
+            timer = StepTimer(device)
+            trainers = {}
+            for method in cli.methods:
+                args = training_arguments(method, output_dir, cli, max_steps)
+                trainers[method] = AACETrainer(model=model, args=args, train_dataset=dataset, callbacks=[timer])
+                trainers[method].remove_callback(PrinterCallback)  # the end-of-train metrics line, once per call
+            times = {method: [] for method in cli.methods}
+            memory = {}
+            for repeat in range(cli.repeats):
+                order = cli.methods if repeat % 2 == 0 else cli.methods[::-1]
+                for method in order:
+                    meter = PeakMemory(device)
+                    with meter:
+                        trainers[method].train()
+                    if method not in memory:
+                        memory[method] = meter.rise_bytes
+                    steps = timer.step_times(cli.warmup)
+                    times[method].extend(steps)
+                    print(
+                        f"{spec} repeat {repeat + 1}/{cli.repeats} {method}: "
+                        + " ".join(f"{1000 * t:.1f}" for t in steps)
+                        + " ms",
+                        flush=True,
+                    )
+            sgd_median = median_or_none(times.get("sgd", []))
+            rows = {}
+            for method in cli.methods:
+                median = median_or_none(times[method])
+                rows[method] = {
+                    "step_times_s": times[method],
+                    "median_step_s": median,
+                    "images_per_s": cli.batch_size / median,
+                    "ratio_to_sgd": median / sgd_median if sgd_median else None,
+                    "peak_memory_rise_bytes": memory[method],
+                }
+            results["models"][spec] = {"parameters": parameters, "methods": rows}
+            del trainers, model
+    return results
+
+
+def markdown(cli: argparse.Namespace, results: dict, header: list[str], command: str) -> str:
+    memory_kind = (
+        "CUDA max_memory_allocated rise"
+        if cli.device == "cuda"
+        else "peak RSS (VmHWM) rise, coarse: allocator caching"
+    )
+    lines = ["## AACETrainer step cost", ""]
+    lines += header
+    lines += [
+        f"- command: `{command}`",
+        f"- settings: device {cli.device}, batch {cli.batch_size}, {cli.image_size}x{cli.image_size}x3 random inputs, "
+        f"{'bf16' if cli.bf16 else 'fp32'}, channels_last {cli.channels_last}, torch.compile {cli.compile}; "
+        f"{cli.repeats} repeats x {cli.steps} timed steps per method (after {cli.warmup} warmup steps per repeat), "
+        "methods interleaved round-robin (order reversed every other repeat); SGD momentum 0.9, weight decay 5e-4, "
+        "no clipping",
+        f"- memory column: {memory_kind}, in the method's first train() call",
+        "",
+        "| model | params | method | median step (ms) | images/s | ratio to sgd | min-max step (ms) "
+        "| peak memory rise (MiB) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for spec, model in results["models"].items():
+        for method, row in model["methods"].items():
+            ratio = "n/a" if row["ratio_to_sgd"] is None else f"{row['ratio_to_sgd']:.3f}"
+            spread = f"{1000 * min(row['step_times_s']):.1f}-{1000 * max(row['step_times_s']):.1f}"
+            lines.append(
+                f"| {spec} | {model['parameters'] / 1e6:.2f}M | {method} | {1000 * row['median_step_s']:.1f} | "
+                f"{row['images_per_s']:.1f} | {ratio} | {spread} | {format_mib(row['peak_memory_rise_bytes'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["wrn-16-4", "pyramidnet-20-48"],
+        help="wrn-DEPTH-WIDEN and/or pyramidnet-DEPTH-ALPHA[-bottleneck] (default: wrn-16-4 pyramidnet-20-48)",
+    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to time")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default: cpu 2, cuda 20)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per repeat, >= 1 (cpu 1, cuda 5)")
+    parser.add_argument("--repeats", type=int, default=None, help="round-robin repeats (default: cpu 3, cuda 5)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the Trainer's --bf16)")
+    parser.add_argument("--channels_last", action="store_true", help="model weights in channels_last memory format")
+    parser.add_argument("--compile", action="store_true", help="the Trainer's --torch_compile")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--output_json", default=None, help="also write the raw step times and results here")
+    parser.add_argument("--output_md", default=None, help="also write the Markdown table here")
+    cli = parser.parse_args(argv)
+    on_cuda = cli.device == "cuda"
+    cli.steps = cli.steps if cli.steps is not None else (20 if on_cuda else 2)
+    cli.warmup = cli.warmup if cli.warmup is not None else (5 if on_cuda else 1)
+    cli.repeats = cli.repeats if cli.repeats is not None else (5 if on_cuda else 3)
+    if cli.warmup < 1 or cli.steps < 1 or cli.repeats < 1 or cli.batch_size < 1:
+        parser.error("--warmup, --steps, --repeats and --batch_size must be >= 1 (the first step is never timed).")
+    if on_cuda and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device.")
+    for spec in cli.models:
+        if MODEL_PATTERN.match(spec) is None:
+            parser.error(f"unknown model {spec!r}: use wrn-DEPTH-WIDEN or pyramidnet-DEPTH-ALPHA[-bottleneck].")
+    return cli
+
+
+def command_line() -> str:
+    return " ".join(["python", *sys.argv])
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli = parse_arguments(argv)
+    if cli.threads:
+        torch.set_num_threads(cli.threads)
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    header = machine_header(cli.device)
+    results = run(cli)
+    table = markdown(cli, results, header, command_line())
+    print()
+    print(table)
+    if cli.output_md:
+        with open(cli.output_md, "w") as file:
+            file.write(table)
+    if cli.output_json:
+        results["settings"] = vars(cli)
+        results["header"] = header
+        results["max_rss_kib_lifetime"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with open(cli.output_json, "w") as file:
+            json.dump(results, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
