@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python scripts/train.py --config scripts/configs/demo_digits.json
+	$(BIN)/python scripts/train.py scripts/configs/demo_digits.json
 
 test: install
 	$(BIN)/python -m pytest -q

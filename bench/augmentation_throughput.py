@@ -20,6 +20,7 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -29,21 +30,13 @@ import torch
 
 from hf_aace.data import BatchAugmentation
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # step_cost.py next to this file, however run
+from step_cost import cpu_model  # noqa: E402
+
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 PADDING = 4
 CUTOUT = 16
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def reference_transform(array: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
