@@ -124,7 +124,7 @@ class AACETrainer(Trainer):
             # Cross-entropy and accuracy at w come free from the first pass's logits.
             clean_loss=F.cross_entropy(logits.detach().float(), inputs["labels"]),
             clean_accuracy=(logits.detach().argmax(-1) == inputs["labels"]).float().mean(),
-            skipped_perturbations=skipped if skipped is not None else None,
+            skipped_perturbations=skipped,
         )
         return loss
 

@@ -202,7 +202,7 @@ def main(argv: list[str]) -> int:
 
     # The push happens once everything is saved, so a failed upload cannot cost the trained model.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
-    if push_to_hub:
+    if push_to_hub and training_args.process_index == 0:
         warn_if_hub_unreachable(training_args.hub_token)
 
     trainer = AACETrainer(

@@ -396,3 +396,35 @@ def test_deepspeed_and_fsdp_are_refused(tmp_path, monkeypatch, flag):
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", enable)
     with pytest.raises(ValueError, match="does not support DeepSpeed or FSDP yet"):
         AACETrainer(model=tiny_wrn(), args=make_args(tmp_path), train_dataset=make_dataset())
+
+
+def test_resume_continues_the_augmentation_stream(tmp_path):
+    from hf_aace import BatchAugmentation
+    from hf_aace.data import ImageClassificationSplit
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    dataset = ImageClassificationSplit(images, torch.randint(0, 3, (64,), generator=generator))
+
+    def augmentation():
+        return BatchAugmentation((0.5,) * 3, (0.25,) * 3, crop_padding=2, flip=True, cutout_size=4, seed=999)
+
+    common = dict(max_steps=6, train_sampling_strategy="random", learning_rate=0.05)
+    straight = tiny_wrn()
+    args = make_args(tmp_path / "straight", **common)
+    AACETrainer(model=straight, args=args, train_dataset=dataset, augmentation=augmentation()).train()
+
+    args = make_args(tmp_path / "resumed", save_strategy="steps", save_steps=3, **common)
+    AACETrainer(model=tiny_wrn(), args=args, train_dataset=dataset, augmentation=augmentation()).train()
+    resumed = tiny_wrn(seed=5)
+    trainer = AACETrainer(model=resumed, args=args, train_dataset=dataset, augmentation=augmentation())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    # Without the saved stream the second half draws other augmentations and ends elsewhere.
+    (tmp_path / "resumed" / "checkpoint-3" / "augmentation_state_0.pth").unlink()
+    other = tiny_wrn(seed=5)
+    trainer = AACETrainer(model=other, args=args, train_dataset=dataset, augmentation=augmentation())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    assert any(not torch.equal(a, b) for a, b in zip(straight.parameters(), other.parameters()))
