@@ -39,14 +39,12 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from transformers.trainer_callback import PrinterCallback
 
@@ -58,7 +56,7 @@ from step_cost import (  # noqa: E402
     MODEL_PATTERN,
     StepTimer,
     build_model,
-    machine_header,
+    run_and_report,
     synchronize,
     training_arguments,
 )
@@ -437,19 +435,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli = parse_arguments(argv)
-    if cli.threads:
-        torch.set_num_threads(cli.threads)
-    transformers.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    header = machine_header(cli.device)
-    rows = run(cli)
-    table = markdown(cli, rows, header, " ".join(["python", *sys.argv]))
-    print()
-    print(table)
-    if cli.output_md:
-        with open(cli.output_md, "w") as file:
-            file.write(table)
+    run_and_report(parse_arguments(argv), run, markdown)
 
 
 if __name__ == "__main__":

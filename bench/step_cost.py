@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
-import json
 import os
 import platform
 import re
-import resource
 import statistics
 import sys
 import tempfile
@@ -360,30 +358,24 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return cli
 
 
-def command_line() -> str:
-    return " ".join(["python", *sys.argv])
-
-
-def main(argv: list[str] | None = None) -> None:
-    cli = parse_arguments(argv)
+def run_and_report(cli: argparse.Namespace, run_fn, markdown_fn) -> None:
+    """Runs a benchmark quietly, then prints its Markdown table (and writes it to `--output_md`)."""
     if cli.threads:
         torch.set_num_threads(cli.threads)
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=UserWarning)
     header = machine_header(cli.device)
-    results = run(cli)
-    table = markdown(cli, results, header, command_line())
+    results = run_fn(cli)
+    table = markdown_fn(cli, results, header, " ".join(["python", *sys.argv]))
     print()
     print(table)
     if cli.output_md:
         with open(cli.output_md, "w") as file:
             file.write(table)
-    if cli.output_json:
-        results["settings"] = vars(cli)
-        results["header"] = header
-        results["max_rss_kib_lifetime"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        with open(cli.output_json, "w") as file:
-            json.dump(results, file, indent=2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_and_report(parse_arguments(argv), run, markdown)
 
 
 if __name__ == "__main__":

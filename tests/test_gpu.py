@@ -1,0 +1,62 @@
+"""Checks that need a CUDA device (marker `gpu`, skipped elsewhere): the real fp16 path, augmentation on the device."""
+
+import pytest
+import torch
+
+from hf_aace import (
+    AACETrainer,
+    AACETrainingArguments,
+    BatchAugmentation,
+    WideResNetConfig,
+    WideResNetForImageClassification,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+class Batches(torch.utils.data.Dataset):
+    def __init__(self):
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=generator)
+        self.labels = torch.randint(0, 10, (64,), generator=generator)
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.images[index], "labels": self.labels[index]}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_training_on_cuda(tmp_path, precision):
+    model = WideResNetForImageClassification(WideResNetConfig(depth=10, widen_factor=2, num_labels=10))
+    args = AACETrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=16, logging_steps=2, report_to="none",
+        save_strategy="no", optim="sgd", learning_rate=0.05, **{precision: True},
+    )  # fmt: skip
+    augmentation = BatchAugmentation((0.5,) * 3, (0.25,) * 3, crop_padding=4, flip=True, cutout_size=16)
+    trainer = AACETrainer(model=model, args=args, train_dataset=Batches(), augmentation=augmentation)
+    inputs = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = 1
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.training_step(trainer.model_wrapped, inputs)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert logged and all(torch.isfinite(torch.tensor(e["loss"])) for e in logged)
+    assert all(e["perturbation_norm"] > 0 or e.get("skipped_perturbations") for e in logged)
+
+
+def test_augmentation_on_cuda_matches_cpu_normalisation_and_resumes():
+    augmentation = BatchAugmentation((0.5,) * 3, (0.25,) * 3, crop_padding=4, flip=True, cutout_size=16, seed=3)
+    images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(augmentation.normalize(images.cuda()).cpu(), augmentation.normalize(images))
+    augmentation(images.cuda())  # move the CUDA stream on before saving it
+    state = augmentation.state_dict()
+    expected = augmentation(images.cuda())
+    resumed = BatchAugmentation((0.5,) * 3, (0.25,) * 3, crop_padding=4, flip=True, cutout_size=16, seed=3)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed(images.cuda()), expected)
