@@ -332,6 +332,7 @@ def run(cli: argparse.Namespace) -> dict:
                 lr_gamma=0.2,
                 logging_strategy="steps",
                 logging_steps=20,
+                channels_last=cli.trainer_channels_last,
             )
             augmentation = BatchAugmentation(
                 mean.tolist(), std.tolist(), crop_padding=PADDING, flip=True, cutout_size=CUTOUT_SIZE, seed=42
@@ -373,10 +374,11 @@ def run(cli: argparse.Namespace) -> dict:
 
 
 def markdown(cli: argparse.Namespace, rows: dict, header: list[str], command: str) -> str:
+    layout = ", channels_last" if cli.trainer_channels_last else ""
     labels = {
         "reference": f"paper's loop (DataLoader, {cli.num_workers} workers, per-image PIL, fp32)",
-        "trainer": "AACETrainer + BatchAugmentation on the device (fp32)",
-        "trainer_bf16": "AACETrainer + BatchAugmentation on the device (bf16)",
+        "trainer": f"AACETrainer + BatchAugmentation on the device (fp32{layout})",
+        "trainer_bf16": f"AACETrainer + BatchAugmentation on the device (bf16{layout})",
     }
     lines = ["## End-to-end AACE training: paper's loop vs AACETrainer", ""]
     lines += header
@@ -415,6 +417,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the main process")
+    parser.add_argument(
+        "--trainer_channels_last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels_last weights and batches on the trainer path, as scripts/train.py uses by default",
+    )
     parser.add_argument("--output_md", default=None, help="also write the Markdown table here")
     cli = parser.parse_args(argv)
     on_cuda = cli.device == "cuda"

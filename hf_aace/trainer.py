@@ -68,6 +68,9 @@ class AACETrainer(Trainer):
                 "AACETrainer does not support DeepSpeed or FSDP yet: the perturbation needs the full parameters on "
                 "every process. Launch with DDP instead (accelerate launch --multi_gpu ...)."
             )
+        if self.args.channels_last:
+            # In place: the parameters stay the same objects, so optimizers and DDP built later see the new layout.
+            self.model.to(memory_format=torch.channels_last)
         self.augmentation = augmentation
         if augmentation is not None:
             # Every process draws its own augmentations; a resumed run reloads the streams from the checkpoint.
@@ -81,6 +84,7 @@ class AACETrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         if self.augmentation is not None:
             inputs["pixel_values"] = self.augmentation(inputs["pixel_values"])
+        inputs = self._to_memory_format(inputs)
         if self.args.sam_method == "sgd":
             return super().training_step(model, inputs, num_items_in_batch)
 
@@ -158,7 +162,14 @@ class AACETrainer(Trainer):
         if self.augmentation is not None and inputs["pixel_values"].dtype == torch.uint8:
             inputs = self._prepare_inputs(inputs)
             inputs["pixel_values"] = self.augmentation.normalize(inputs["pixel_values"])
+        inputs = self._to_memory_format(inputs)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def _to_memory_format(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        pixel_values = inputs.get("pixel_values")
+        if self.args.channels_last and isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 4:
+            inputs["pixel_values"] = pixel_values.contiguous(memory_format=torch.channels_last)
+        return inputs
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         if self.args.weight_decay_all_parameters:

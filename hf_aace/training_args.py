@@ -62,6 +62,13 @@ class AACETrainingArguments(TrainingArguments):
         },
     )
     lr_gamma: float = field(default=0.2, metadata={"help": "Learning-rate factor applied at each of lr_milestones."})
+    channels_last: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the model's weights and the image batches in channels_last memory format (faster "
+            "convolutions with oneDNN on CPUs and with tensor cores on GPUs; bench/ measures it)."
+        },
+    )
 
     def __post_init__(self):
         if self.sam_method not in SAM_METHODS:

@@ -428,3 +428,14 @@ def test_resume_continues_the_augmentation_stream(tmp_path):
     trainer = AACETrainer(model=other, args=args, train_dataset=dataset, augmentation=augmentation())
     trainer.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
     assert any(not torch.equal(a, b) for a, b in zip(straight.parameters(), other.parameters()))
+
+
+def test_channels_last_trains_like_the_default_layout(tmp_path):
+    dataset = make_dataset()
+    default, channels_last = tiny_wrn(), tiny_wrn()
+    AACETrainer(model=default, args=make_args(tmp_path / "a", max_steps=2), train_dataset=dataset).train()
+    args = make_args(tmp_path / "b", max_steps=2, channels_last=True)
+    AACETrainer(model=channels_last, args=args, train_dataset=dataset).train()
+    assert channels_last.wide_resnet.embedder.weight.is_contiguous(memory_format=torch.channels_last)
+    # Convolution kernels differ between the layouts: equal up to float32 rounding.
+    assert_state_close(channels_last, default, tolerance=1e-4)
