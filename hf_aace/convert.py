@@ -11,7 +11,7 @@ reference network's logits.
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
+from .data.loading import PRESETS
 from .hub import CITATION, architecture_name
 from .image_processing_aace import AACEImageProcessor
 from .models import (
@@ -102,57 +103,61 @@ _TRAINING_SET_STATS = (
     "computes from the training set at run time"
 )
 
+_IMAGENET_STATS = "the ImageNet mean and std, as in the paper's code"
+
+
+def _reference(
+    name: str,
+    preset: str,
+    pooling_size: Mapping[str, int | None],
+    labels: Sequence[str],
+    image_mean: tuple[float, ...] | None = None,
+    image_std: tuple[float, ...] | None = None,
+) -> ReferenceDataset:
+    """A dataset's conversion settings; Hub id, input format and any fixed statistics come from its data preset."""
+    source = PRESETS[preset]
+    return ReferenceDataset(
+        name=name,
+        hub_id=source.hub_id,
+        num_channels=source.num_channels,
+        image_size=source.image_size[0],
+        pooling_size=pooling_size,
+        labels=tuple(labels),
+        image_mean=image_mean or source.mean,
+        image_std=image_std or source.std,
+        pad_to_square=source.pad_to_square,
+        normalization_source=_TRAINING_SET_STATS if image_mean else _IMAGENET_STATS,
+    )
+
+
 REFERENCE_DATASETS: dict[str, ReferenceDataset] = {
-    "cifar10": ReferenceDataset(
-        name="cifar10",
-        hub_id="uoft-cs/cifar10",
-        num_channels=3,
-        image_size=32,
-        pooling_size={"wide_resnet": 8, "pyramidnet": 8},
-        labels=_CIFAR10_LABELS,
-        image_mean=(0.4914, 0.4822, 0.4465),
-        image_std=(0.2470, 0.2435, 0.2616),
-        pad_to_square=False,
-        normalization_source=_TRAINING_SET_STATS,
+    "cifar10": _reference(
+        "cifar10",
+        "cifar10",
+        {"wide_resnet": 8, "pyramidnet": 8},
+        _CIFAR10_LABELS,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
     ),
-    "cifar100": ReferenceDataset(
-        name="cifar100",
-        hub_id="uoft-cs/cifar100",
-        num_channels=3,
-        image_size=32,
-        pooling_size={"wide_resnet": 8, "pyramidnet": 8},
-        labels=tuple(_CIFAR100_LABELS),
-        image_mean=(0.5071, 0.4865, 0.4409),
-        image_std=(0.2673, 0.2564, 0.2762),
-        pad_to_square=False,
-        normalization_source=_TRAINING_SET_STATS,
+    "cifar100": _reference(
+        "cifar100",
+        "cifar100",
+        {"wide_resnet": 8, "pyramidnet": 8},
+        _CIFAR100_LABELS,
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
     ),
-    "fashionmnist": ReferenceDataset(
-        name="fashionmnist",
-        hub_id="zalando-datasets/fashion_mnist",
-        num_channels=1,
-        image_size=28,
-        # The paper's WideResNet pools a fixed 4x4 window of the 7x7 map (its top-left corner); its PyramidNet pools
-        # globally.
-        pooling_size={"wide_resnet": 4, "pyramidnet": None},
-        labels=_FASHION_MNIST_LABELS,
-        image_mean=(0.2860,),
-        image_std=(0.3530,),
-        pad_to_square=False,
-        normalization_source=_TRAINING_SET_STATS,
+    # The paper's WideResNet pools a fixed 4x4 window of the 7x7 map (its top-left corner); its PyramidNet pools
+    # globally.
+    "fashionmnist": _reference(
+        "fashionmnist",
+        "fashion_mnist",
+        {"wide_resnet": 4, "pyramidnet": None},
+        _FASHION_MNIST_LABELS,
+        (0.2860,),
+        (0.3530,),
     ),
-    "food101": ReferenceDataset(
-        name="food101",
-        hub_id="ethz/food101",
-        num_channels=3,
-        image_size=32,
-        pooling_size={"wide_resnet": None, "pyramidnet": None},
-        labels=tuple(_FOOD101_LABELS),
-        image_mean=(0.485, 0.456, 0.406),
-        image_std=(0.229, 0.224, 0.225),
-        pad_to_square=True,
-        normalization_source="the ImageNet mean and std, as in the paper's code",
-    ),
+    "food101": _reference("food101", "food101", {"wide_resnet": None, "pyramidnet": None}, _FOOD101_LABELS),
 }
 
 _DATASET_ALIASES = {"fashion_mnist": "fashionmnist", "fashion-mnist": "fashionmnist"}
