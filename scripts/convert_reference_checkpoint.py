@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import upload_file
+from huggingface_hub import create_repo, upload_folder
 from transformers import HfArgumentParser
 
 from hf_aace.convert import conversion_model_card, convert_reference_checkpoint, reference_image_processor
@@ -54,13 +54,9 @@ def main() -> int:
 
     if args.push_to_hub:
         try:
-            model.push_to_hub(args.hub_model_id)
-            processor.push_to_hub(args.hub_model_id)
-            upload_file(
-                path_or_fileobj=output_dir / "README.md",
-                path_in_repo="README.md",
-                repo_id=args.hub_model_id,
-                commit_message="Add model card",
+            create_repo(args.hub_model_id, exist_ok=True)
+            upload_folder(
+                repo_id=args.hub_model_id, folder_path=output_dir, commit_message="Add a converted AACE checkpoint"
             )
         except Exception as error:  # network, authentication and permission errors all end here
             print(
@@ -70,7 +66,7 @@ def main() -> int:
                 file=sys.stderr,
             )
             return 1
-        print(f"Pushed to https://huggingface.co/{args.hub_model_id}")
+        print(f"Pushed to {args.hub_model_id}")
     return 0
 
 

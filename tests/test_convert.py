@@ -1,7 +1,6 @@
 """Tests of hf_aace.convert and scripts/convert_reference_checkpoint.py against re-implemented reference networks."""
 
 import ast
-import importlib.util
 import json
 import os
 import re
@@ -11,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import HfApi
 from transformers import AutoModelForImageClassification, PreTrainedModel
 
 from hf_aace.convert import REFERENCE_DATASETS, convert_reference_checkpoint, reference_image_processor
 
+from local_hub import dead_endpoint
 from reference_networks import build_reference_network, randomize_
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -291,26 +292,35 @@ def test_script_writes_a_folder_that_loads_without_hf_aace(small_reference, smal
     torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_script_keeps_the_files_when_the_push_fails(small_checkpoint, tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "convert_script", REPO_ROOT / "scripts/convert_reference_checkpoint.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def _convert(checkpoint, output, *extra, env=None):
+    command = [sys.executable, str(REPO_ROOT / "scripts/convert_reference_checkpoint.py"), "--checkpoint",
+               str(checkpoint), "--dataset", "cifar10", "--output_dir", str(output), *extra]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
 
-    def refuse(*args, **kwargs):
-        raise OSError("no network here")
 
-    monkeypatch.setattr(PreTrainedModel, "push_to_hub", refuse)
+def test_script_pushes_to_the_hub(small_checkpoint, local_hub, tmp_path):
+    result = _convert(small_checkpoint, tmp_path / "out", "--push_to_hub", "--hub_model_id", "hf-aace-tester/wrn-ref")
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = set(HfApi().list_repo_files("hf-aace-tester/wrn-ref"))
+    assert {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "modeling_wide_resnet.py",
+    } <= files
+
+
+def test_script_keeps_the_files_when_the_push_fails(small_checkpoint, tmp_path):
     out = tmp_path / "converted"
-    argv = ["convert", "--checkpoint", str(small_checkpoint), "--dataset", "cifar10", "--output_dir", str(out)]
-    monkeypatch.setattr(sys, "argv", [*argv, "--push_to_hub", "--hub_model_id", "someone/wrn"])
-
-    assert script.main() == 1
+    result = _convert(
+        small_checkpoint, out, "--push_to_hub", "--hub_model_id", "someone/wrn", env={"HF_ENDPOINT": dead_endpoint()}
+    )
+    assert result.returncode == 1
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
         path.name for path in out.iterdir()
     }
-    assert "hf upload someone/wrn" in capsys.readouterr().err
+    assert "hf upload someone/wrn" in result.stderr
 
 
 def test_reference_image_processor_matches_the_papers_preprocessing():
