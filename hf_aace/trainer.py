@@ -88,6 +88,11 @@ class AACETrainer(Trainer):
         if self.args.sam_method == "sgd":
             return super().training_step(model, inputs, num_items_in_batch)
 
+        if "labels" not in inputs:
+            raise ValueError(
+                f"AACETrainer needs class labels under 'labels' in every training batch (got keys {sorted(inputs)}): "
+                "the perturbation loss is computed from them. Rename the label column to 'labels'."
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         # Pass 1 at w. Under no_sync, DDP neither prepares nor runs a gradient all-reduce: each process perturbs
         # with its own micro-batch's gradient (SAM's m-sharpness).

@@ -439,3 +439,10 @@ def test_channels_last_trains_like_the_default_layout(tmp_path):
     assert channels_last.wide_resnet.embedder.weight.is_contiguous(memory_format=torch.channels_last)
     # Convolution kernels differ between the layouts: equal up to float32 rounding.
     assert_state_close(channels_last, default, tolerance=1e-4)
+
+
+def test_batches_without_labels_are_refused_clearly(tmp_path):
+    trainer = AACETrainer(model=tiny_wrn(), args=make_args(tmp_path), train_dataset=make_dataset())
+    trainer.current_gradient_accumulation_steps = 1
+    with pytest.raises(ValueError, match="needs class labels under 'labels'"):
+        trainer.training_step(trainer.model_wrapped, {"pixel_values": torch.randn(2, 3, 8, 8)})
