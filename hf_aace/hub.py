@@ -37,6 +37,7 @@ def build_model_card(
     training_arguments: dict[str, Any],
     metrics: dict[str, float],
     *,
+    method: str,
     model_name: str,
     dataset_id: str | None = None,
     dataset_name: str | None = None,
@@ -50,6 +51,7 @@ def build_model_card(
         training_arguments: the run's arguments (training, model and data), shown as given.
         metrics: measured results, e.g. the contents of `all_results.json` (`test_accuracy`, `test_top5_accuracy`,
             `test_loss`, `train_*`); only what is given is reported.
+        method: the `sam_method` the model was trained with ("aace", "sam", "asam" or "sgd").
         model_name: the card's title.
         dataset_id: the Hub id of the training dataset (goes into the metadata).
         dataset_name: a readable dataset name.
@@ -59,7 +61,6 @@ def build_model_card(
     Returns:
         A `huggingface_hub.ModelCard`; `.save(path)` or `.push_to_hub(repo_id)` it.
     """
-    method = training_arguments.get("sam_method", "aace")
     architecture = architecture_name(config)
     eval_results = [
         EvalResult(

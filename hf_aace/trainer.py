@@ -223,6 +223,7 @@ class AACETrainer(Trainer):
             self.accelerator.unwrap_model(self.model).config,
             run_arguments if run_arguments is not None else self.args.to_dict(),
             metrics or {},
+            method=self.args.sam_method,
             model_name=name.split("/")[-1],
             dataset_id=dataset_id,
             dataset_name=dataset_name,

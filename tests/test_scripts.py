@@ -82,6 +82,7 @@ def test_run_writes_a_complete_publishable_model(trained_run):
     measured = metadata["model-index"][0]["results"][0]["metrics"][0]
     assert measured["type"] == "accuracy" and measured["value"] == pytest.approx(results["test_accuracy"])
     assert "trust_remote_code=True" in card and "Ratchatorn" in card and '"rho": 0.2' in card
+    assert "AACE-SAM" in card
 
 
 def test_logged_metrics_include_the_perturbation(trained_run):

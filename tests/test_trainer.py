@@ -446,3 +446,10 @@ def test_batches_without_labels_are_refused_clearly(tmp_path):
     trainer.current_gradient_accumulation_steps = 1
     with pytest.raises(ValueError, match="needs class labels under 'labels'"):
         trainer.training_step(trainer.model_wrapped, {"pixel_values": torch.randn(2, 3, 8, 8)})
+
+
+def test_model_card_names_the_method_the_trainer_used(tmp_path):
+    trainer = AACETrainer(model=tiny_wrn(), args=make_args(tmp_path, sam_method="asam"), train_dataset=make_dataset())
+    trainer.create_model_card(metrics={"test_accuracy": 0.5})
+    card = " ".join((tmp_path / "README.md").read_text().split())
+    assert "with ASAM using hf_aace" in card and '"sam_method": "asam"' in card
