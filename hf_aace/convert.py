@@ -420,17 +420,17 @@ def convert_reference_checkpoint(
     """
     reference = get_reference_dataset(dataset)
     state_dict = load_reference_state_dict(checkpoint)
-    if architecture is None:
-        architecture = infer_architecture(state_dict)
-    elif architecture not in _CONVERTERS:
+    if architecture is not None and architecture not in _CONVERTERS:
         raise ValueError(
             f"Unknown architecture {architecture!r}; pass one of {list(ARCHITECTURES)} or None to infer it."
         )
-    elif architecture != infer_architecture(state_dict):
+    inferred = infer_architecture(state_dict)
+    if architecture not in (None, inferred):
         raise ValueError(
-            f"architecture={architecture!r} but the keys are those of the paper's {infer_architecture(state_dict)}; "
+            f"architecture={architecture!r} but the keys are those of the paper's {inferred}; "
             "pass architecture=None to infer it."
         )
+    architecture = inferred
     config_from_state_dict, model_class, map_key = _CONVERTERS[architecture]
     config = config_from_state_dict(state_dict, reference)
     model = model_class(config)
