@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .methods import SharpnessAwareMethod
+
 EPSILON = 1e-12
 
 
@@ -29,7 +31,7 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def perturbation_from_gradients_(
     grads: list[torch.Tensor],
     params: Sequence[torch.Tensor],
-    method: str,
+    method: SharpnessAwareMethod,
     rho: float,
     normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,22 +39,22 @@ def perturbation_from_gradients_(
 
     Args:
         grads: gradient of the perturbation loss for each parameter; overwritten with e.
-        params: the parameters at which the gradient was taken (ASAM scales by them).
-        method: "aace", "sam" or "asam".
+        params: the parameters at which the gradient was taken (weight-scaled methods scale by them).
+        method: an entry of `hf_aace.methods.METHODS`.
         rho: perturbation radius.
         normalize: divide by the (ASAM: weight-scaled) gradient norm.
 
     Returns:
         `(grad_norm, perturbation_norm)`: ||g|| (ASAM: ||w g||) and ||e||, as 0-dim tensors.
     """
-    if method == "asam":
+    if method.weight_scaled:
         # ASAM works in coordinates scaled by |w|: the norm is taken of w * g and e = rho * w^2 * g / ||w g||.
         torch._foreach_mul_(grads, params)
         grad_norm = global_norm(grads)
         torch._foreach_mul_(grads, params)
     else:
         grad_norm = global_norm(grads)
-    scale = -rho if method == "aace" else rho
+    scale = method.sign * rho
     if normalize:
         torch._foreach_mul_(grads, (scale / (grad_norm + EPSILON)).to(grads[0].dtype))
     else:

@@ -5,18 +5,27 @@ import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
+from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
 from .hub import build_model_card
-from .losses import aace_loss_unchecked
 from .perturbation import (
     WeightPerturbation,
     frozen_batchnorm_statistics,
     perturbation_from_gradients_,
     unscale_gradients_,
+)
+from .tasks import (
+    aligned_aace_loss,
+    check_multi_hot,
+    count_targets,
+    detect_task,
+    output_logits,
+    single_label_accuracy,
 )
 from .training_args import AACETrainingArguments
 
@@ -77,6 +86,9 @@ class AACETrainer(Trainer):
             augmentation.manual_seed(self.args.seed + self.args.process_index)
         self._perturbation = WeightPerturbation()
         self._metric_sums: dict[str, torch.Tensor] = {}
+        self._causal_lm = is_causal_lm(unwrap_peft_model(self.accelerator.unwrap_model(self.model)))
+        self._class_label_items: torch.Tensor | None = None
+        self._multi_hot_checked = False
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: torch.Tensor | None = None
@@ -85,63 +97,173 @@ class AACETrainer(Trainer):
         if self.augmentation is not None:
             inputs["pixel_values"] = self.augmentation(inputs["pixel_values"])
         inputs = self._to_memory_format(inputs)
-        if self.args.sam_method == "sgd":
+        method = self.args.method
+        if not method.perturbs:
             return super().training_step(model, inputs, num_items_in_batch)
 
-        if "labels" not in inputs:
-            raise ValueError(
-                f"AACETrainer needs class labels under 'labels' in every training batch (got keys {sorted(inputs)}): "
-                "the perturbation loss is computed from them. Rename the label column to 'labels'."
-            )
-        params = [p for p in model.parameters() if p.requires_grad]
+        model.train()
         # Pass 1 at w. Under no_sync, DDP neither prepares nor runs a gradient all-reduce: each process perturbs
         # with its own micro-batch's gradient (SAM's m-sharpness).
-        model.train()
         with self.accelerator.no_sync(model):
-            with self.compute_loss_context_manager():
-                logits = model(**inputs).logits
-            perturbation_loss = self._perturbation_loss(logits, inputs["labels"])
+            clean_loss, perturbation_loss, report_scale, accuracy = self._first_pass(model, inputs, num_items_in_batch)
+            params = [p for p in model.parameters() if p.requires_grad]
             scaler = self.accelerator.scaler
-            objective = scaler.scale(perturbation_loss) if scaler is not None else perturbation_loss
-            grads = torch.autograd.grad(objective, params, allow_unused=True)
+            grads = self._gradients(
+                scaler.scale(perturbation_loss) if scaler is not None else perturbation_loss, params
+            )
         used = [i for i, g in enumerate(grads) if g is not None]
         params, grads = [params[i] for i in used], [grads[i] for i in used]
-        skipped = None
-        if scaler is not None:
-            skipped = unscale_gradients_(grads, scaler)
+        skipped = unscale_gradients_(grads, scaler) if scaler is not None else None
         grad_norm, perturbation_norm = perturbation_from_gradients_(
-            grads, params, self.args.sam_method, self.args.rho, self.args.normalize_perturbation
+            grads, params, method, self.args.perturbation_rho, self.args.perturbation_normalized
         )
         # fp16 only: an overflowed first pass gives no perturbation. This reads one flag back from the device.
         perturb = skipped is None or not bool(skipped.item())
 
-        # Pass 2 at w + e through the Trainer's own step, then back to w exactly.
+        # Pass 2 at w + e through the Trainer's own step, then back to w exactly. e is freed once applied: the restore
+        # copies from the saved weights, so pass 2 holds one extra copy of the trainable weights.
         if perturb:
             self._perturbation.apply_(params, grads)
+        del grads
         try:
             with frozen_batchnorm_statistics(model):
                 loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             if perturb:
                 self._perturbation.restore_(params)
-        del grads
 
         self._accumulate_metrics(
-            perturbation_loss=perturbation_loss.detach(),
+            perturbation_loss=perturbation_loss.detach() * report_scale,
             perturbation_grad_norm=grad_norm,
             perturbation_norm=perturbation_norm if perturb else torch.zeros_like(perturbation_norm),
-            # Cross-entropy and accuracy at w come free from the first pass's logits.
-            clean_loss=F.cross_entropy(logits.detach().float(), inputs["labels"]),
-            clean_accuracy=(logits.detach().argmax(-1) == inputs["labels"]).float().mean(),
+            clean_loss=clean_loss,
+            clean_accuracy=accuracy,
             skipped_perturbations=skipped,
         )
         return loss
 
-    def _perturbation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The loss whose gradient sets the perturbation: AACE for "aace", cross-entropy for "sam" and "asam"."""
-        if self.args.sam_method == "aace":
-            return aace_loss_unchecked(logits, labels, self.args.aace_threshold, self.args.aace_mode)
-        return F.cross_entropy(logits.float(), labels)
+    def _first_pass(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+        """Forward at w: the perturbation loss of the method, and the clean loss and accuracy for the logs.
+
+        The Trainer's own `compute_loss` runs on a shallow copy of the inputs (it pops the labels when a loss function
+        or label smoother is set), so the first pass computes exactly the loss plain `Trainer` trains with: the model's
+        loss, `compute_loss_func`, label smoothing or a subclass's `compute_loss`, with `num_items_in_batch`.
+
+        Returns:
+            `(clean_loss, perturbation_loss, report_scale, accuracy)`: the training loss at w on the scale of the
+            logged `loss` (detached); the loss to differentiate; the factor that brings it to that scale; the accuracy
+            at w for single-label classification (else None).
+        """
+        labels = self._labels(inputs)
+        if labels is None and self.args.method.needs_class_labels:
+            raise ValueError(
+                f"AACE (--sam_method aace) needs class labels in every training batch, under {self.label_names} (got "
+                f"keys {sorted(inputs)}). Name the label column 'labels' or set --label_names; --sam_method sam or "
+                "asam train with any loss."
+            )
+        with self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(
+                model, {**inputs}, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        # Losses normalised over the whole accumulated batch are a fraction of a step's loss; the logs show them at
+        # the scale of the logged `loss` (the Trainer's own rule).
+        steps = self.current_gradient_accumulation_steps
+        loss_scale = steps if self._loss_is_scaled_for_ga(num_items_in_batch) else 1
+        clean_loss = loss.detach() * loss_scale
+
+        task, logits = None, None
+        if self.args.method.needs_class_labels or labels is not None:
+            try:
+                # compute_loss calls the model without "labels" when a loss function or smoother takes them.
+                popped = (self.label_smoother is not None or self.compute_loss_func is not None) and "labels" in inputs
+                logits = output_logits(outputs, has_loss=not popped)
+                task = detect_task(logits, labels, causal=self._causal_lm, problem_type=self._problem_type())
+            except ValueError:
+                if self.args.method.needs_class_labels:
+                    raise
+        accuracy = single_label_accuracy(logits.detach(), labels) if task == "single_label" else None
+        if self.args.method.perturbation_loss == "training":
+            return clean_loss, loss, loss_scale, accuracy
+
+        if task == "multi_label" and not self._multi_hot_checked:
+            check_multi_hot(labels)
+            self._multi_hot_checked = True
+        num_items = None
+        if task == "causal" and num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+            # transformers' causal-LM loss divides by the target tokens of the whole accumulated batch (and the Trainer
+            # multiplies by the number of processes when it counts tokens across them).
+            num_items = self._class_label_items
+            if num_items is None:  # training_step called outside the Trainer's loop: this batch is the whole step
+                num_items = count_targets([inputs], self.label_names[0], causal=True)
+            if self.args.average_tokens_across_devices:
+                num_items = num_items / self.accelerator.num_processes
+        perturbation_loss = aligned_aace_loss(
+            logits,
+            labels,
+            task,
+            threshold=self.args.aace_threshold,
+            mode=self.args.aace_mode,
+            shift_labels=inputs.get("shift_labels"),
+            num_items=num_items,
+        )
+        return clean_loss, perturbation_loss, steps if num_items is not None else 1, accuracy
+
+    def _gradients(self, objective: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The gradient of `objective`, leaving the accumulated `.grad` of earlier micro-batches as it was.
+
+        `backward()` rather than `torch.autograd.grad`, which reentrant gradient checkpointing refuses: the
+        accumulated gradients are set aside (references, no copies) and put back.
+        """
+        accumulated = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            objective.backward()
+            return [p.grad for p in params]
+        finally:
+            for p, grad in zip(params, accumulated):
+                p.grad = grad
+
+    def _labels(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """The batch's labels, under `label_names` (the Trainer's `label_names` or the model's)."""
+        names = self.label_names or []
+        if len(names) > 1 and self.args.method.needs_class_labels:
+            raise ValueError(
+                f"AACE (--sam_method aace) needs one label tensor per batch; this model takes {names}. Use "
+                "--sam_method sam or asam, which train with the model's own loss."
+            )
+        return inputs.get(names[0]) if names else None
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch: torch.Tensor | None) -> bool:
+        """Whether `compute_loss` already divided by the accumulated batch (the rule of `Trainer.training_step`)."""
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return self.loss_is_scaled_for_ga
+        return (
+            self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        ) or self.compute_loss_func is not None
+
+    def _problem_type(self) -> str | None:
+        return getattr(
+            getattr(unwrap_peft_model(self.accelerator.unwrap_model(self.model)), "config", None), "problem_type", None
+        )
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if (
+            self.args.method.needs_class_labels
+            and self._causal_lm
+            and num_items_in_batch is not None
+            and self.label_names
+        ):
+            # The Trainer counts shifted tokens only for models whose `loss_type` says so (GPT-2's is None); AACE
+            # counts the targets of every causal LM after the shift, across processes as the Trainer does.
+            count = count_targets(batch_samples, self.label_names[0], causal=True)
+            if count is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+                count = self.accelerator.gather(count.to(device)).sum()
+            self._class_label_items = count.to(device) if count is not None else None
+        return batch_samples, num_items_in_batch
 
     def _accumulate_metrics(self, **values: torch.Tensor | None) -> None:
         # On-device running sums: no host sync per step; `log` reduces them across processes.
@@ -157,7 +279,8 @@ class AACETrainer(Trainer):
             totals = dict(zip(names, totals.tolist()))
             count = totals.pop("count")
             for name in METRIC_NAMES:
-                logs[name] = round(totals[name] / count, 6)
+                if name in totals:
+                    logs[name] = round(totals[name] / count, 6)
             if totals.get("skipped_perturbations"):
                 logs["skipped_perturbations"] = int(totals["skipped_perturbations"])
             self._metric_sums = {}
@@ -247,3 +370,16 @@ class AACETrainer(Trainer):
             self.augmentation.load_state_dict(torch.load(path, weights_only=True))
         else:
             logger.warning(f"No augmentation state in {checkpoint}: the augmentation stream restarts from its seed.")
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether the model's loss shifts its labels by one position, as transformers' causal language models do.
+
+    Not only the Trainer's `loss_type` test: GPT-2's `loss_type` is None, yet its loss shifts.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    if type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return True
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss

@@ -1,28 +1,28 @@
 """AACETrainingArguments: the Trainer's arguments plus the sharpness-aware ones, all usable as CLI flags."""
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 from .losses import AACE_MODES
-
-SAM_METHODS = ("aace", "sam", "asam", "sgd")
-DEFAULT_RHO = {"aace": 0.2, "sam": 0.05, "asam": 0.5}
-DEFAULT_NORMALIZE = {"aace": False, "sam": True, "asam": True}
+from .methods import METHODS, SharpnessAwareMethod, get_method
 
 
 @dataclass
 class AACETrainingArguments(TrainingArguments):
     """[`~transformers.TrainingArguments`] with the settings of the two-pass sharpness-aware step.
 
-    Left unset, `rho` and `normalize_perturbation` take the method's default: aace 0.2 without normalisation (the
-    paper's setting), sam 0.05 and asam 0.5, both normalised.
+    Left unset, `rho` and `normalize_perturbation` take the method's default (`hf_aace.methods.METHODS`): aace 0.2
+    without normalisation (the paper's setting), sam 0.05 and asam 0.5, both normalised. The defaults are resolved
+    when read (`perturbation_rho`, `perturbation_normalized`), so arguments copied with another `sam_method`, or a
+    hyperparameter search over it, take the new method's defaults; explicit values always win.
 
     Example:
     ```python
     >>> from hf_aace import AACETrainingArguments
     >>> args = AACETrainingArguments(output_dir="out", sam_method="sam")
-    >>> args.rho, args.normalize_perturbation
+    >>> args.perturbation_rho, args.perturbation_normalized
     (0.05, True)
     ```
     """
@@ -31,7 +31,7 @@ class AACETrainingArguments(TrainingArguments):
         default="aace",
         metadata={
             "help": "Perturbation of the first pass: 'aace' (the paper), 'sam', 'asam', or 'sgd' (no perturbation).",
-            "choices": list(SAM_METHODS),
+            "choices": list(METHODS),
         },
     )
     rho: float | None = field(
@@ -71,15 +71,9 @@ class AACETrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.sam_method not in SAM_METHODS:
-            raise ValueError(f"--sam_method must be one of {', '.join(SAM_METHODS)}; got {self.sam_method!r}.")
-        if self.sam_method != "sgd":
-            if self.rho is None:
-                self.rho = DEFAULT_RHO[self.sam_method]
-            if not self.rho > 0:
-                raise ValueError(f"--rho must be > 0 for --sam_method {self.sam_method}; got {self.rho}.")
-            if self.normalize_perturbation is None:
-                self.normalize_perturbation = DEFAULT_NORMALIZE[self.sam_method]
+        get_method(self.sam_method)
+        if self.rho is not None and not (math.isfinite(self.rho) and self.rho > 0):
+            raise ValueError(f"--rho must be a finite number > 0 (or unset for the method's default); got {self.rho}.")
         if not 0.0 <= self.aace_threshold <= 1.0:
             raise ValueError(f"--aace_threshold must lie in [0, 1]; got {self.aace_threshold}.")
         if self.aace_mode not in AACE_MODES:
@@ -94,3 +88,20 @@ class AACETrainingArguments(TrainingArguments):
         if not 0 < self.lr_gamma <= 1:
             raise ValueError(f"--lr_gamma must lie in (0, 1]; got {self.lr_gamma}.")
         super().__post_init__()
+
+    @property
+    def method(self) -> SharpnessAwareMethod:
+        """The table entry of `sam_method`, read at every use."""
+        return get_method(self.sam_method)
+
+    @property
+    def perturbation_rho(self) -> float | None:
+        """`rho`, or the method's default when unset (None for "sgd")."""
+        return self.rho if self.rho is not None else self.method.default_rho
+
+    @property
+    def perturbation_normalized(self) -> bool | None:
+        """`normalize_perturbation`, or the method's default when unset (None for "sgd")."""
+        if self.normalize_perturbation is not None:
+            return self.normalize_perturbation
+        return self.method.default_normalize

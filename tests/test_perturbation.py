@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from hf_aace.methods import METHODS
 from hf_aace.perturbation import (
     WeightPerturbation,
     frozen_batchnorm_statistics,
@@ -42,7 +43,7 @@ def test_perturbation_formulas(method, normalize, formula):
     params, grads = tensors(1), tensors(2)
     expected = formula(params, grads, 0.3)
     work = [g.clone() for g in grads]
-    grad_norm, perturbation_norm = perturbation_from_gradients_(work, params, method, 0.3, normalize)
+    grad_norm, perturbation_norm = perturbation_from_gradients_(work, params, METHODS[method], 0.3, normalize)
     for e, x in zip(work, expected):
         torch.testing.assert_close(e, x)
     scaled = [p * g for p, g in zip(params, grads)] if method == "asam" else grads

@@ -279,8 +279,10 @@ def test_torch_compile_recompiles_at_most_once(tmp_path):
     ("overrides", "message"),
     [
         ({"sam_method": "adam"}, "--sam_method must be one of aace, sam, asam, sgd"),
-        ({"rho": 0.0}, "--rho must be > 0"),
-        ({"sam_method": "sam", "rho": -1.0}, "--rho must be > 0"),
+        ({"rho": 0.0}, "--rho must be a finite number > 0"),
+        ({"sam_method": "sam", "rho": -1.0}, "--rho must be a finite number > 0"),
+        ({"rho": float("inf")}, "--rho must be a finite number > 0"),
+        ({"rho": float("nan")}, "--rho must be a finite number > 0"),
         ({"aace_threshold": 1.5}, r"--aace_threshold must lie in \[0, 1\]"),
         ({"aace_mode": "const"}, "--aace_mode must be one of adaptive, uniform, random"),
         ({"lr_milestones": [0.6, 0.3]}, "--lr_milestones must be increasing fractions"),
@@ -296,7 +298,7 @@ def test_bad_arguments_raise_value_error(tmp_path, overrides, message):
 )
 def test_method_defaults(tmp_path, method, rho, normalize):
     args = make_args(tmp_path, sam_method=method)
-    assert (args.rho, args.normalize_perturbation) == (rho, normalize)
+    assert (args.perturbation_rho, args.perturbation_normalized) == (rho, normalize)
 
 
 def test_cli_flags_through_hf_argument_parser(tmp_path):
@@ -316,7 +318,7 @@ def test_cli_flags_through_hf_argument_parser(tmp_path):
             "--use_cpu",
         ]
     )
-    assert args.sam_method == "asam" and args.rho == 0.5 and args.normalize_perturbation is False
+    assert args.sam_method == "asam" and args.perturbation_rho == 0.5 and args.normalize_perturbation is False
     assert args.lr_milestones == [0.3, 0.6]
 
 
@@ -444,7 +446,7 @@ def test_channels_last_trains_like_the_default_layout(tmp_path):
 def test_batches_without_labels_are_refused_clearly(tmp_path):
     trainer = AACETrainer(model=tiny_wrn(), args=make_args(tmp_path), train_dataset=make_dataset())
     trainer.current_gradient_accumulation_steps = 1
-    with pytest.raises(ValueError, match="needs class labels under 'labels'"):
+    with pytest.raises(ValueError, match=r"needs class labels in every training batch, under \['labels'\]"):
         trainer.training_step(trainer.model_wrapped, {"pixel_values": torch.randn(2, 3, 8, 8)})
 
 
