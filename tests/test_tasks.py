@@ -1,0 +1,462 @@
+"""AACETrainer on every task plain Trainer trains: transformers' models (random-init tiny configs) and plain modules.
+
+Each step is checked against a step written out by hand: the first pass's loss (the model's own loss for sam/asam,
+AACE on the aligned logits for aace), the perturbation, then the second pass with the loss plain `Trainer`
+backpropagates (its `num_items_in_batch` counting included), restore, SGD.
+"""
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+    ViTConfig,
+    ViTForImageClassification,
+    default_data_collator,
+)
+from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+from hf_aace import AACETrainer, AACETrainingArguments, aace_loss
+from hf_aace.methods import METHODS
+
+VOCAB, LABELS, BATCH, LENGTH = 24, 3, 4, 6
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict[str, torch.Tensor]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.rows[index]
+
+
+class DictClassifier(nn.Module):
+    """A plain module returning a dict, as custom models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, LABELS))
+
+    def forward(self, features, labels=None):
+        logits = self.net(features)
+        return (
+            {"loss": F.cross_entropy(logits, labels), "logits": logits} if labels is not None else {"logits": logits}
+        )
+
+
+class TupleClassifier(DictClassifier):
+    """A plain module returning a tuple, loss first, as `return_dict=False` models do."""
+
+    def forward(self, features, labels=None):
+        logits = self.net(features)
+        return (F.cross_entropy(logits, labels), logits) if labels is not None else (logits,)
+
+
+def _tokens(generator, n, ignore=True):
+    ids = torch.randint(1, VOCAB, (n, LENGTH), generator=generator)
+    labels = ids.clone()
+    if ignore:
+        labels[:, -2:] = -100  # padding: ignored by the loss
+    return ids, labels
+
+
+def _bert_config(**overrides):
+    return BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides,
+    )  # fmt: skip
+
+
+def build(name: str, n: int = 8):
+    """A tiny model and `n` training rows for the task `name`."""
+    generator = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    ids, token_labels = _tokens(generator, n)
+    mask = torch.ones_like(ids)
+    if name == "bert_single_label":
+        model = BertForSequenceClassification(_bert_config(num_labels=LABELS))
+        rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": torch.tensor(i % LABELS)} for i in range(n)]
+    elif name == "bert_regression":
+        model = BertForSequenceClassification(_bert_config(num_labels=1))
+        targets = torch.randn(n, generator=generator)
+        rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": targets[i]} for i in range(n)]
+    elif name == "bert_multi_label":
+        model = BertForSequenceClassification(
+            _bert_config(num_labels=LABELS, problem_type="multi_label_classification")
+        )
+        hot = (torch.rand(n, LABELS, generator=generator) > 0.5).float()
+        rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": hot[i]} for i in range(n)]
+    elif name == "bert_token":
+        model = BertForTokenClassification(_bert_config(num_labels=LABELS))
+        tags = torch.randint(0, LABELS, (n, LENGTH), generator=generator)
+        tags[:, 0] = -100  # [CLS]-style positions without a tag
+        rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": tags[i]} for i in range(n)]
+    elif name == "bert_masked_lm":
+        model = BertForMaskedLM(_bert_config())
+        rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": token_labels[i]} for i in range(n)]
+    elif name in ("gpt2", "llama"):
+        if name == "gpt2":
+            config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+            model = GPT2LMHeadModel(config)
+        else:
+            config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
+            model = LlamaForCausalLM(config)
+        # Rows with different amounts of padding, so that per-batch and per-step token counts differ.
+        for i in range(n):
+            token_labels[i, LENGTH - 1 - i % 3 :] = -100
+        rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": token_labels[i]} for i in range(n)]
+    elif name == "t5":
+        config = T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
+                          dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+        model = T5ForConditionalGeneration(config)
+        rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": token_labels[i]} for i in range(n)]
+    elif name == "vit":
+        config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=16, num_labels=LABELS,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+        model = ViTForImageClassification(config)
+        pixels = torch.randn(n, 3, 8, 8, generator=generator)
+        rows = [{"pixel_values": pixels[i], "labels": torch.tensor(i % LABELS)} for i in range(n)]
+    elif name in ("dict_module", "tuple_module"):
+        model = DictClassifier() if name == "dict_module" else TupleClassifier()
+        features = torch.randn(n, 5, generator=generator)
+        rows = [{"features": features[i], "labels": torch.tensor(i % LABELS)} for i in range(n)]
+    else:
+        raise KeyError(name)
+    return model, ListDataset(rows)
+
+
+def make_args(tmp_path, **overrides) -> AACETrainingArguments:
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, learning_rate=0.1, optim="sgd", weight_decay=0.0,
+        max_grad_norm=0.0, lr_scheduler_type="constant", max_steps=1, train_sampling_strategy="sequential",
+        report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    settings.update(overrides)
+    return AACETrainingArguments(**settings)
+
+
+def _accepts_loss_kwargs(model) -> bool:
+    parameters = inspect.signature(model.forward).parameters.values()
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _is_causal(name: str) -> bool:
+    return name in ("gpt2", "llama")
+
+
+def hand_aace(name: str, model, batch: dict, num_items) -> torch.Tensor:
+    """AACE on the logits aligned as the model's own loss aligns them, written with indexing (not masking)."""
+    outputs = model(**batch)  # with the labels: seq2seq models build their decoder inputs from them
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+    labels = batch["labels"]
+    if name == "bert_multi_label":
+        z = logits.reshape(-1)
+        pairs = torch.stack([torch.zeros_like(z), z], dim=-1)
+        return aace_loss(pairs, labels.reshape(-1).long())
+    if _is_causal(name):
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    keep = labels != -100
+    values = aace_loss(logits[keep], labels[keep], reduction="none")
+    return values.sum() / num_items if num_items is not None else values.mean()
+
+
+def trainer_loss(model, batch: dict, num_items, accumulation: int) -> torch.Tensor:
+    """The loss plain Trainer backpropagates for one micro-batch (transformers 5.x rules)."""
+    if _accepts_loss_kwargs(model) and num_items is not None:
+        return model(**batch, num_items_in_batch=num_items).loss
+    outputs = model(**batch)
+    loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+    return loss / accumulation
+
+
+def reference_step(name, model, batches, method, rho, lr):
+    """One optimizer step by hand; returns the first pass's loss of each micro-batch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    labels = [b["labels"] for b in batches]
+    # Plain Trainer counts labels[..., 1:] only where loss_type says the loss shifts (not GPT-2's None).
+    shifts = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+    trainer_items = sum(int((y[..., 1:] if shifts else y).ne(-100).sum()) for y in labels)
+    aace_items = sum(int(y[..., 1:].ne(-100).sum()) for y in labels) if _is_causal(name) else None
+    first_losses = []
+    for batch in batches:
+        model.train()
+        if method == "aace":
+            loss1 = hand_aace(name, model, batch, aace_items)
+        else:
+            loss1 = trainer_loss(model, batch, trainer_items, len(batches))
+        first_losses.append(loss1.item())
+        grads = torch.autograd.grad(loss1, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        with torch.no_grad():
+            if method == "asam":
+                norm = torch.sqrt(sum(((p * g) ** 2).sum() for p, g in zip(params, grads)))
+                e = [rho * p * p * g / (norm + 1e-12) for p, g in zip(params, grads)]
+            elif method == "sam":
+                norm = torch.sqrt(sum((g**2).sum() for g in grads))
+                e = [rho * g / (norm + 1e-12) for g in grads]
+            else:
+                e = [-rho * g for g in grads]
+            saved = [p.clone() for p in params]
+            for p, e_p in zip(params, e):
+                p.add_(e_p)
+        trainer_loss(model, batch, trainer_items, len(batches)).backward()
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.sub_(lr * p.grad)
+    return first_losses
+
+
+def check_step(tmp_path, name: str, method: str, accumulation: int = 1) -> None:
+    model, dataset = build(name)
+    expected, _ = build(name)
+    initial = {key: value.clone() for key, value in model.state_dict().items()}
+    rho = METHODS[method].default_rho
+    args = make_args(
+        tmp_path, sam_method=method, per_device_train_batch_size=BATCH // accumulation,
+        gradient_accumulation_steps=accumulation,
+    )  # fmt: skip
+    trainer = AACETrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
+    trainer.train()
+    size = BATCH // accumulation
+    batches = [
+        default_data_collator([dataset[j] for j in range(i * size, (i + 1) * size)]) for i in range(accumulation)
+    ]
+    first_losses = reference_step(name, expected, batches, method, rho, lr=0.1)
+
+    changed = False
+    for (key, value), reference in zip(model.state_dict().items(), expected.state_dict().values()):
+        torch.testing.assert_close(value, reference, rtol=2e-5, atol=2e-6, msg=key)
+        changed |= not torch.equal(value, initial[key])
+    assert changed, "the step left the weights unchanged"
+    entry = next(e for e in trainer.state.log_history if "perturbation_loss" in e)
+    if accumulation == 1:
+        assert entry["perturbation_loss"] == pytest.approx(first_losses[0], rel=1e-5, abs=1e-6)
+    assert "clean_loss" in entry
+    assert ("clean_accuracy" in entry) == (name in ("bert_single_label", "vit", "dict_module", "tuple_module"))
+
+
+CLASS_LABEL_TASKS = [
+    "bert_single_label", "bert_multi_label", "bert_token", "gpt2", "llama", "t5", "vit", "dict_module", "tuple_module",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["sam", "asam", "aace"])
+@pytest.mark.parametrize("name", CLASS_LABEL_TASKS)
+def test_one_step_equals_hand_written_step(tmp_path, name, method):
+    check_step(tmp_path, name, method)
+
+
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [("gpt2", "aace"), ("llama", "aace"), ("bert_token", "aace"), ("bert_masked_lm", "aace"), ("llama", "sam")],
+)
+def test_one_step_with_gradient_accumulation_equals_hand_written_step(tmp_path, name, method):
+    check_step(tmp_path, name, method, accumulation=2)
+
+
+@pytest.mark.parametrize("method", ["sam", "asam"])
+def test_regression_trains_with_sam_and_asam(tmp_path, method):
+    check_step(tmp_path, "bert_regression", method)
+
+
+def test_aace_refuses_regression_before_the_first_optimizer_step(tmp_path):
+    model, dataset = build("bert_regression")
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = AACETrainer(model=model, args=make_args(tmp_path), train_dataset=dataset)
+    with pytest.raises(ValueError, match="AACE .* needs class labels.*--sam_method sam or asam work with any loss"):
+        trainer.train()
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+
+
+def test_aace_refuses_soft_multi_label_targets(tmp_path):
+    model, dataset = build("bert_multi_label")
+    for row in dataset.rows:
+        row["labels"] = row["labels"] * 0.7
+    trainer = AACETrainer(model=model, args=make_args(tmp_path), train_dataset=dataset)
+    with pytest.raises(ValueError, match="multi-hot labels of 0s and 1s"):
+        trainer.train()
+
+
+def sam_step_by_hand(model, batch, loss_fn, rho=0.05, lr=0.1) -> None:
+    """A SAM step (GA 1) whose two passes both use `loss_fn(model, batch)`."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss_fn(model, batch), params)
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    with torch.no_grad():
+        saved = [p.clone() for p in params]
+        for p, g in zip(params, grads):
+            p.add_(rho * g / (norm + 1e-12))
+    second = torch.autograd.grad(loss_fn(model, batch), params)
+    with torch.no_grad():
+        for p, s, g in zip(params, saved, second):
+            p.copy_(s - lr * g)
+
+
+def smoothed_loss(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits, batch["labels"], label_smoothing=0.1)
+
+
+def margin_loss(outputs, labels, num_items_in_batch=None):
+    return F.multi_margin_loss(outputs["logits"], labels)
+
+
+class PenalisedTrainer(AACETrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = F.cross_entropy(outputs["logits"], labels) + 0.1 * outputs["logits"].pow(2).mean()
+        return (loss, outputs) if return_outputs else loss
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "trainer_class", "loss_fn"),
+    [
+        ("bert_single_label", {"args": {"label_smoothing_factor": 0.1}}, AACETrainer, smoothed_loss),
+        (
+            "dict_module",
+            {"compute_loss_func": margin_loss},
+            AACETrainer,
+            lambda m, b: margin_loss(m(b["features"]), b["labels"]),
+        ),
+        (
+            "dict_module",
+            {},
+            PenalisedTrainer,
+            lambda m, b: (
+                F.cross_entropy(m(b["features"])["logits"], b["labels"])
+                + 0.1 * m(b["features"])["logits"].pow(2).mean()
+            ),
+        ),
+    ],
+    ids=["label_smoothing", "compute_loss_func", "compute_loss_override"],
+)
+def test_sam_first_pass_uses_the_trainers_own_loss(tmp_path, name, options, trainer_class, loss_fn):
+    model, dataset = build(name)
+    expected, _ = build(name)
+    args = make_args(tmp_path, sam_method="sam", **options.get("args", {}))
+    extra = {k: v for k, v in options.items() if k != "args"}
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=dataset, data_collator=default_data_collator, **extra
+    )
+    trainer.train()
+    batch = default_data_collator([dataset[i] for i in range(BATCH)])
+    sam_step_by_hand(expected, batch, loss_fn)
+    for (key, value), reference in zip(model.state_dict().items(), expected.state_dict().values()):
+        torch.testing.assert_close(value, reference, rtol=2e-5, atol=2e-6, msg=key)
+    entry = next(e for e in trainer.state.log_history if "perturbation_loss" in e)
+    assert entry["perturbation_loss"] == pytest.approx(loss_fn(build(name)[0], batch).item(), rel=1e-5)
+
+
+def test_label_names_are_honoured(tmp_path):
+    class TargetsClassifier(DictClassifier):
+        def forward(self, features, targets=None):
+            return super().forward(features, targets)
+
+    torch.manual_seed(0)
+    model = TargetsClassifier()
+    torch.manual_seed(0)
+    expected = TargetsClassifier()
+    _, dataset = build("dict_module")
+    rows = ListDataset([{"features": r["features"], "targets": r["labels"]} for r in dataset.rows])
+    args = make_args(tmp_path, sam_method="aace", label_names=["targets"])
+    AACETrainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator).train()
+    torch.manual_seed(0)
+    reference = DictClassifier()
+    batches = [default_data_collator([dataset[i] for i in range(BATCH)])]
+    reference_step("dict_module", reference, batches, "aace", 0.2, lr=0.1)
+    for value, ref in zip(model.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(value, ref, rtol=2e-5, atol=2e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), expected.parameters()))
+
+
+def test_changing_the_method_after_construction_takes_its_defaults(tmp_path):
+    import dataclasses
+
+    args = make_args(tmp_path, sam_method="aace")
+    assert (args.perturbation_rho, args.perturbation_normalized) == (0.2, False)
+    copied = dataclasses.replace(args, sam_method="sam")
+    assert (copied.perturbation_rho, copied.perturbation_normalized) == (0.05, True)
+    args.sam_method = "asam"  # as hyperparameter_search sets a trial's values
+    assert (args.perturbation_rho, args.perturbation_normalized) == (0.5, True)
+    explicit = dataclasses.replace(make_args(tmp_path, rho=0.3, normalize_perturbation=True), sam_method="sam")
+    assert (explicit.perturbation_rho, explicit.perturbation_normalized) == (0.3, True)
+
+    # The trainer reads the method at every step: a SAM perturbation has norm rho = 0.05 exactly.
+    model, dataset = build("dict_module")
+    args = make_args(tmp_path, sam_method="aace")
+    trainer = AACETrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
+    trainer.args.sam_method = "sam"
+    trainer.train()
+    entry = next(e for e in trainer.state.log_history if "perturbation_norm" in e)
+    assert entry["perturbation_norm"] == pytest.approx(0.05, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["sam", "aace"])
+def test_reentrant_gradient_checkpointing_gives_the_same_step(tmp_path, method):
+    plain, dataset = build("bert_single_label")
+    checkpointed, _ = build("bert_single_label")
+    AACETrainer(
+        model=plain, args=make_args(tmp_path / "a", sam_method=method), train_dataset=dataset,
+        data_collator=default_data_collator,
+    ).train()  # fmt: skip
+    args = make_args(
+        tmp_path / "b", sam_method=method, activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": True},
+    )  # fmt: skip
+    AACETrainer(model=checkpointed, args=args, train_dataset=dataset, data_collator=default_data_collator).train()
+    for (key, value), reference in zip(checkpointed.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_the_perturbation_is_freed_before_the_second_pass(tmp_path):
+    """During pass 2 the step holds the saved weights, not the perturbation: one extra copy of the weights."""
+    import weakref
+
+    from hf_aace import perturbation as perturbation_module
+
+    model, dataset = build("dict_module")
+    trainer = AACETrainer(
+        model=model, args=make_args(tmp_path, sam_method="aace"), train_dataset=dataset,
+        data_collator=default_data_collator,
+    )  # fmt: skip
+    applied, alive_in_second_pass = [], []
+    original_apply = perturbation_module.WeightPerturbation.apply_
+
+    def apply_(self, params, perturbation):
+        applied.extend(weakref.ref(e) for e in perturbation)
+        return original_apply(self, params, perturbation)
+
+    def second_pass_hook(module, args):
+        if applied:
+            alive_in_second_pass.append(sum(ref() is not None for ref in applied))
+
+    trainer._perturbation.apply_ = apply_.__get__(trainer._perturbation)
+    model.register_forward_pre_hook(second_pass_hook)
+    trainer.train()
+    assert applied and alive_in_second_pass == [0]
