@@ -19,10 +19,14 @@ at that median, the ratio of the median to sgd's median, and peak memory:
 The inputs are random normalised floats (no augmentation): this measures the optimizer step, not the data pipeline
 (bench/reference_loop.py measures end to end).
 
+Models: hf_aace's `wrn-DEPTH-WIDEN` and `pyramidnet-DEPTH-ALPHA[-bottleneck]` on 32x32 images, and two transformers
+models from random-init configs: `vit-tiny` (ViT-Ti/4 on 32x32 images: hidden 192, 12 layers, 3 heads) and `bert-tiny`
+(hidden 128, 2 layers, 2 heads, 30,522-token vocabulary, 128-token sequences, 2 classes).
+
 Usage:
-    python bench/step_cost.py [--models wrn-16-4 pyramidnet-20-48] [--batch_size 128] [--steps 2] [--warmup 1]
-        [--repeats 3] [--methods sgd sam asam aace] [--device cpu|cuda] [--bf16] [--channels_last] [--compile]
-        [--output_json PATH] [--output_md PATH]
+    python bench/step_cost.py [--models wrn-16-4 pyramidnet-20-48 vit-tiny bert-tiny] [--batch_size 128]
+        [--steps 2] [--warmup 1] [--repeats 3] [--methods sgd sam asam aace] [--device cpu|cuda] [--bf16]
+        [--channels_last] [--compile] [--output_json PATH] [--output_md PATH]
 """
 
 from __future__ import annotations
@@ -41,7 +45,13 @@ import warnings
 
 import torch
 import transformers
-from transformers import TrainerCallback
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    TrainerCallback,
+    ViTConfig,
+    ViTForImageClassification,
+)
 from transformers.trainer_callback import PrinterCallback
 
 import hf_aace
@@ -53,9 +63,26 @@ from hf_aace import (
     WideResNetConfig,
     WideResNetForImageClassification,
 )
+from hf_aace.methods import METHODS
 
-METHODS = ("sgd", "sam", "asam", "aace")
 MODEL_PATTERN = re.compile(r"^(wrn)-(\d+)-(\d+)$|^(pyramidnet)-(\d+)-(\d+)(-bottleneck)?$")
+TEXT_LENGTH = 128
+TRANSFORMERS_MODELS = {
+    "vit-tiny": lambda: ViTForImageClassification(
+        ViTConfig(
+            image_size=32,
+            patch_size=4,
+            hidden_size=192,
+            num_hidden_layers=12,
+            num_attention_heads=3,
+            intermediate_size=768,
+            num_labels=10,
+        )  # fmt: skip
+    ),
+    "bert-tiny": lambda: BertForSequenceClassification(
+        BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512, num_labels=2)
+    ),
+}
 
 
 def cpu_model() -> str:
@@ -91,7 +118,10 @@ def machine_header(device: str) -> list[str]:
 
 
 def build_model(spec: str, num_labels: int = 10) -> torch.nn.Module:
-    """A fresh model from a short name: `wrn-DEPTH-WIDEN` or `pyramidnet-DEPTH-ALPHA[-bottleneck]`."""
+    """A fresh model from a short name: `wrn-DEPTH-WIDEN`, `pyramidnet-DEPTH-ALPHA[-bottleneck]` or a
+    `TRANSFORMERS_MODELS` key."""
+    if spec in TRANSFORMERS_MODELS:
+        return TRANSFORMERS_MODELS[spec]()
     match = MODEL_PATTERN.match(spec)
     if match is None:
         raise ValueError(
@@ -182,17 +212,33 @@ class PeakMemory:
 
 
 class FixedBatch(torch.utils.data.Dataset):
-    """`length` items cycling over one batch of inputs, so that every step sees the same images."""
+    """`length` items cycling over one batch of inputs, so that every step sees the same inputs."""
 
-    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor, length: int):
-        self.pixel_values, self.labels, self.length = pixel_values, labels, length
+    def __init__(self, inputs: dict[str, torch.Tensor], length: int):
+        self.inputs, self.length = inputs, length
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        index %= self.pixel_values.shape[0]
-        return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
+        index %= self.inputs["labels"].shape[0]
+        return {name: values[index] for name, values in self.inputs.items()}
+
+
+def fixed_batch(spec: str, cli: argparse.Namespace, length: int) -> FixedBatch:
+    """Random normalised images with 10 classes, or random token ids with 2 classes for `bert-tiny`."""
+    generator = torch.Generator().manual_seed(0)
+    if spec == "bert-tiny":
+        inputs = {
+            "input_ids": torch.randint(0, 30522, (cli.batch_size, TEXT_LENGTH), generator=generator),
+            "labels": torch.randint(0, 2, (cli.batch_size,), generator=generator),
+        }
+    else:
+        inputs = {
+            "pixel_values": torch.randn(cli.batch_size, 3, cli.image_size, cli.image_size, generator=generator),
+            "labels": torch.randint(0, 10, (cli.batch_size,), generator=generator),
+        }
+    return FixedBatch(inputs, length)
 
 
 def training_arguments(method: str, output_dir: str, cli: argparse.Namespace, max_steps: int, **overrides):
@@ -235,14 +281,11 @@ def format_mib(value: int | None) -> str:
 
 def run(cli: argparse.Namespace) -> dict:
     device = cli.device
-    generator = torch.Generator().manual_seed(0)
-    pixel_values = torch.randn(cli.batch_size, 3, cli.image_size, cli.image_size, generator=generator)
-    labels = torch.randint(0, 10, (cli.batch_size,), generator=generator)
     max_steps = cli.warmup + cli.steps
-    dataset = FixedBatch(pixel_values, labels, cli.batch_size * max_steps)
     results = {"models": {}}
     with tempfile.TemporaryDirectory() as output_dir:
         for spec in cli.models:
+            dataset = fixed_batch(spec, cli, cli.batch_size * max_steps)
             torch.manual_seed(0)
             model = build_model(spec)
             if cli.channels_last:
@@ -328,7 +371,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         "--models",
         nargs="+",
         default=["wrn-16-4", "pyramidnet-20-48"],
-        help="wrn-DEPTH-WIDEN and/or pyramidnet-DEPTH-ALPHA[-bottleneck] (default: wrn-16-4 pyramidnet-20-48)",
+        help="wrn-DEPTH-WIDEN, pyramidnet-DEPTH-ALPHA[-bottleneck], vit-tiny, bert-tiny (default: wrn-16-4 "
+        "pyramidnet-20-48)",
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to time")
     parser.add_argument("--batch_size", type=int, default=128)
@@ -353,8 +397,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     if on_cuda and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device.")
     for spec in cli.models:
-        if MODEL_PATTERN.match(spec) is None:
-            parser.error(f"unknown model {spec!r}: use wrn-DEPTH-WIDEN or pyramidnet-DEPTH-ALPHA[-bottleneck].")
+        if MODEL_PATTERN.match(spec) is None and spec not in TRANSFORMERS_MODELS:
+            parser.error(
+                f"unknown model {spec!r}: use wrn-DEPTH-WIDEN, pyramidnet-DEPTH-ALPHA[-bottleneck] or one of "
+                f"{', '.join(TRANSFORMERS_MODELS)}."
+            )
     return cli
 
 

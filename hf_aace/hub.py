@@ -1,10 +1,17 @@
 """Model cards for models trained with hf_aace: Hub metadata, architecture, exact arguments, measured results."""
 
 import json
+import os
+from collections.abc import Sequence
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from torch import nn
 from transformers import PretrainedConfig
+from transformers.modelcard import TASK_MAPPING, TASK_TAG_TO_NAME_MAPPING
+from transformers.trainer_utils import unwrap_peft_model
+
+from .methods import METHODS
 
 CITATION = """@inproceedings{ratchatorn2024aace,
   title     = {Adaptive Adversarial Cross-Entropy Loss for Sharpness-Aware Minimization},
@@ -15,11 +22,21 @@ CITATION = """@inproceedings{ratchatorn2024aace,
   doi       = {10.1109/ICIP51287.2024.10647582}
 }"""
 
-METHOD_NAMES = {
-    "aace": "AACE-SAM (adaptive adversarial cross-entropy perturbation)",
-    "sam": "SAM",
-    "asam": "ASAM",
-    "sgd": "plain training (no perturbation)",
+OWN_MODEL_TYPES = ("aace_wide_resnet", "aace_pyramidnet")
+PROCESSOR_FILES = (  # what `save_pretrained` writes, and the Auto class that loads it
+    ("processor_config.json", "AutoProcessor"),
+    ("preprocessor_config.json", "AutoImageProcessor"),
+    ("tokenizer_config.json", "AutoTokenizer"),
+)
+AUTO_MODEL_CLASSES = {
+    "image-classification": "AutoModelForImageClassification",
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "text-generation": "AutoModelForCausalLM",
+    "fill-mask": "AutoModelForMaskedLM",
+    "text2text-generation": "AutoModelForSeq2SeqLM",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "audio-classification": "AutoModelForAudioClassification",
 }
 
 
@@ -32,8 +49,26 @@ def architecture_name(config: PretrainedConfig) -> str:
     return type(config).__name__.removesuffix("Config")
 
 
+def pipeline_task(model: nn.Module) -> str | None:
+    """The pipeline task of a model class, from transformers' Auto mappings (hf_aace's own: image-classification)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) in OWN_MODEL_TYPES:
+        return "image-classification"
+    name = type(model).__name__
+    return next((task for task, classes in TASK_MAPPING.items() if name in classes.values()), None)
+
+
+def saved_processor_class(folder: str) -> str | None:
+    """The Auto class of the processor saved in `folder` (None when none was saved)."""
+    return next((auto for file, auto in PROCESSOR_FILES if os.path.isfile(os.path.join(folder, file))), None)
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
 def build_model_card(
-    config: PretrainedConfig,
+    model: nn.Module,
     training_arguments: dict[str, Any],
     metrics: dict[str, float],
     *,
@@ -43,32 +78,61 @@ def build_model_card(
     dataset_name: str | None = None,
     test_split: str = "test",
     repo_id: str | None = None,
+    processor_class: str | None = None,
+    plots: Sequence[str] = (),
+    perturbation: dict[str, Any] | None = None,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    tags: str | list[str] | None = None,
+    finetuned_from: str | None = None,
+    tasks: str | list[str] | None = None,
+    dataset_tags: str | list[str] | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_args: str | list[str] | None = None,
 ) -> ModelCard:
-    """Builds the model card of a trained model.
+    """Builds the model card of a model trained with hf_aace: any transformers model, a PEFT adapter or hf_aace's own.
 
     Args:
-        config: the trained model's config.
+        model: the trained model (a PEFT model for an adapter).
         training_arguments: the run's arguments (training, model and data), shown as given.
         metrics: measured results, e.g. the contents of `all_results.json` (`test_accuracy`, `test_top5_accuracy`,
             `test_loss`, `train_*`); only what is given is reported.
-        method: the `sam_method` the model was trained with ("aace", "sam", "asam" or "sgd").
+        method: the `sam_method` the model was trained with (a key of `hf_aace.methods.METHODS`).
         model_name: the card's title.
         dataset_id: the Hub id of the training dataset (goes into the metadata).
         dataset_name: a readable dataset name.
         test_split: the dataset split the test metrics were measured on.
         repo_id: the Hub repository, for the loading snippet (defaults to `model_name`).
+        processor_class: the Auto class of the processor saved with the model (see `saved_processor_class`); no
+            processor line without one.
+        plots: paths of training-curve images, relative to the card, shown in the card.
+        perturbation: the resolved perturbation settings (rho, normalisation, ...), shown with the method.
+        language, license, tags, finetuned_from, tasks, dataset_tags, dataset, dataset_args: the Trainer's own card
+            options, as for `Trainer.create_model_card`.
 
     Returns:
         A `huggingface_hub.ModelCard`; `.save(path)` or `.push_to_hub(repo_id)` it.
     """
+    base = unwrap_peft_model(model)
+    is_adapter = base is not model
+    config = base.config
+    own = config.model_type in OWN_MODEL_TYPES
+    task = _as_list(tasks)[0] if tasks else pipeline_task(base)
     architecture = architecture_name(config)
+    datasets = _as_list(dataset) or ([dataset_id] if dataset_id else [])
+    # Only Hub ids belong in the metadata ("owner/name"); other sources are named in the text.
+    hub_datasets = [d for d in datasets if "/" in d and " " not in d]
+    base_model = finetuned_from
+    if is_adapter:
+        base_model = base_model or next(iter(model.peft_config.values())).base_model_name_or_path
     eval_results = [
         EvalResult(
-            task_type="image-classification",
-            task_name="Image Classification",
-            dataset_type=dataset_id or "unknown",
-            dataset_name=dataset_name or dataset_id or "unknown",
+            task_type=task or "image-classification",
+            task_name=TASK_TAG_TO_NAME_MAPPING.get(task, task or "Classification"),
+            dataset_type=datasets[0] if datasets else "unknown",
+            dataset_name=dataset_name or (datasets[0] if datasets else "unknown"),
             dataset_split=test_split,
+            dataset_args=_as_list(dataset_args)[0] if dataset_args else None,
             metric_type=metric,
             metric_name=label,
             metric_value=metrics[key],
@@ -79,30 +143,41 @@ def build_model_card(
         )
         if key in metrics
     ]
+    method_tags = ["hf_aace", "sam", "sharpness-aware-minimization", method, config.model_type]
     card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-classification",
-        license="apache-2.0",
-        tags=["image-classification", "hf_aace", "sam", "aace", "sharpness-aware-minimization", config.model_type],
-        # Only Hub ids belong in the metadata ("owner/name"); other sources are named in the text.
-        datasets=[dataset_id] if dataset_id and "/" in dataset_id and " " not in dataset_id else None,
-        metrics=["accuracy"],
+        library_name="peft" if is_adapter else "transformers",
+        pipeline_tag=task,
+        base_model=base_model if base_model and "/" in base_model else None,
+        language=language,
+        license=license or ("apache-2.0" if own else None),
+        tags=list(dict.fromkeys(_as_list(tags) + _as_list(dataset_tags) + [t for t in method_tags if t])),
+        datasets=hub_datasets or None,
+        metrics=["accuracy"] if eval_results else None,
         model_name=model_name,
         eval_results=eval_results or None,
     )
     reported = {k: v for k, v in metrics.items() if k == "epoch" or k.endswith(("accuracy", "_loss"))}
     rows = "\n".join(f"| {key} | {_format(value)} |" for key, value in sorted(reported.items()))
     results = f"| metric | value |\n|---|---|\n{rows}" if rows else "No evaluation results were recorded."
-    repo = repo_id or model_name
+    curves = "\n".join(f"![{os.path.splitext(os.path.basename(p))[0]}]({p})" for p in plots)
+    curves_section = f"\n## Training curves\n\n{curves}\n" if curves else ""
     dataset_label = (
-        f"{dataset_name} ({dataset_id})" if dataset_name and dataset_id else dataset_id or "an image dataset"
+        f"{dataset_name} ({datasets[0]})" if dataset_name and datasets else (datasets[0] if datasets else None)
     )
+    what = f"{architecture} {TASK_TAG_TO_NAME_MAPPING.get(task, 'image classification' if own else 'model').lower()}"
+    if own or getattr(config, "num_labels", None) and task in ("image-classification", "text-classification"):
+        what += f" ({config.num_labels} classes)"
+    if is_adapter:
+        what = f"A PEFT adapter for a {what}"
+    origin = f" fine-tuned from `{base_model}`" if base_model else ""
+    trained_on = f" on {dataset_label}" if dataset_label else ""
+    method_name = METHODS[method].display_name if method in METHODS else method
+    settings = ", ".join(f"{k} {v}" for k, v in (perturbation or {}).items() if v is not None)
     arguments = json.dumps(training_arguments, indent=2, sort_keys=True, default=str)
     body = f"""
 # {model_name}
 
-{architecture} image classifier ({config.num_labels} classes) trained on {dataset_label} with
-{METHOD_NAMES.get(method, method)} using hf_aace, an
+{what}{origin}, trained{trained_on} with {method_name}{f" ({settings})" if settings else ""} using hf_aace, an
 implementation of *Adaptive Adversarial Cross-Entropy Loss for Sharpness-Aware Minimization* (Ratchatorn & Tanaka,
 ICIP 2024) for the Hugging Face `Trainer`.
 
@@ -111,24 +186,17 @@ ICIP 2024) for the Hugging Face `Trainer`.
 Measured at the end of this run (`{test_split}` split for test metrics):
 
 {results}
-
+{curves_section}
 ## Architecture
 
-`{type(config).__name__}`: {architecture}, {config.num_channels} input channel(s). The weights are stored as
-safetensors; the modeling code travels with the model, so it loads with or without hf_aace installed.
+{_architecture_text(model, config, architecture, own, is_adapter)}
 
 ## How to use
 
 ```python
-from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
-
-model = AutoModelForImageClassification.from_pretrained("{repo}", trust_remote_code=True)
-processor = AutoImageProcessor.from_pretrained("{repo}", trust_remote_code=True)
-classifier = pipeline("image-classification", model="{repo}", trust_remote_code=True)
+{_usage(repo_id or model_name, task, own, processor_class, base_model if is_adapter else None)}
 ```
-
-With hf_aace installed, `import hf_aace` registers the classes and `trust_remote_code` is not needed.
-
+{_usage_note(own)}
 ## Training arguments
 
 ```json
@@ -142,6 +210,46 @@ With hf_aace installed, `import hf_aace` registers the classes and `trust_remote
 ```
 """
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+
+
+def _architecture_text(model: nn.Module, config: PretrainedConfig, architecture: str, own: bool, adapter: bool) -> str:
+    if own:
+        return (
+            f"`{type(config).__name__}`: {architecture}, {config.num_channels} input channel(s). The weights are "
+            "stored as safetensors; the modeling code travels with the model, so it loads with or without hf_aace "
+            "installed."
+        )
+    text = f"`{type(unwrap_peft_model(model)).__name__}` from transformers (model type `{config.model_type}`)."
+    if adapter:
+        peft_config = next(iter(model.peft_config.values()))
+        text += f" Only the {peft_config.peft_type} adapter weights are stored; load them onto the base model."
+    return text
+
+
+def _usage(repo: str, task: str | None, own: bool, processor_class: str | None, adapter_base: str | None) -> str:
+    auto_model = AUTO_MODEL_CLASSES.get(task, "AutoModel")
+    remote = ", trust_remote_code=True" if own else ""
+    imports = sorted({auto_model, *([processor_class] if processor_class else []), *(["pipeline"] if task else [])})
+    lines = [f"from transformers import {', '.join(imports)}", ""]
+    if adapter_base is not None:
+        lines[0:0] = ["from peft import PeftModel"]
+        lines += [
+            f'base = {auto_model}.from_pretrained("{adapter_base}")',
+            f'model = PeftModel.from_pretrained(base, "{repo}")',
+        ]
+        return "\n".join(lines)
+    lines.append(f'model = {auto_model}.from_pretrained("{repo}"{remote})')
+    if processor_class:
+        lines.append(f'processor = {processor_class}.from_pretrained("{repo}"{remote})')
+    if task and processor_class:
+        lines.append(f'pipe = pipeline("{task}", model="{repo}"{remote})')
+    return "\n".join(lines)
+
+
+def _usage_note(own: bool) -> str:
+    if not own:
+        return ""
+    return "\nWith hf_aace installed, `import hf_aace` registers the classes and `trust_remote_code` is not needed.\n"
 
 
 def _format(value: Any) -> str:

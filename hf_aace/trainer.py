@@ -12,7 +12,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
-from .hub import build_model_card
+from .hub import build_model_card, saved_processor_class
 from .perturbation import (
     WeightPerturbation,
     frozen_batchnorm_statistics,
@@ -326,6 +326,9 @@ class AACETrainer(Trainer):
     ) -> None:
         """Writes the hf_aace model card to `output_dir/README.md` (the Trainer's `push_to_hub` uploads it).
 
+        Works for any model the Trainer trains: the pipeline task comes from the model's Auto mapping, PEFT adapters
+        get an adapter card, and only hf_aace's own architectures get remote-code instructions.
+
         Args:
             model_name: the card's title; defaults to the Hub repository name or the output folder's name.
             dataset_id: Hub id of the training dataset, for the metadata.
@@ -333,17 +336,29 @@ class AACETrainer(Trainer):
             test_split: split the test metrics come from.
             metrics: measured results; defaults to `output_dir/all_results.json` when it exists.
             run_arguments: the run's exact arguments; defaults to the training arguments.
-            **kwargs: the Trainer's own card options (tags, language, ...), which this card does not use.
+            **kwargs: the Trainer's own card options: language, license, tags, finetuned_from, tasks, dataset_tags,
+                dataset, dataset_args.
         """
         if not self.is_world_process_zero():
             return
-        results_path = os.path.join(self.args.output_dir, "all_results.json")
+        output_dir = self.args.output_dir
+        results_path = os.path.join(output_dir, "all_results.json")
         if metrics is None and os.path.isfile(results_path):
             with open(results_path) as file:
                 metrics = json.load(file)
-        name = model_name or (self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir)))
+        name = model_name or (self.args.hub_model_id or os.path.basename(os.path.abspath(output_dir)))
+        plots = (
+            sorted(f"plots/{file}" for file in os.listdir(os.path.join(output_dir, "plots")) if file.endswith(".png"))
+            if os.path.isdir(os.path.join(output_dir, "plots"))
+            else []
+        )
+        perturbation = {}
+        if self.args.method.perturbs:
+            perturbation = {"rho": self.args.perturbation_rho, "normalized": self.args.perturbation_normalized}
+            if self.args.method.needs_class_labels:
+                perturbation.update(threshold=self.args.aace_threshold, mode=self.args.aace_mode)
         card = build_model_card(
-            self.accelerator.unwrap_model(self.model).config,
+            self.accelerator.unwrap_model(self.model),
             run_arguments if run_arguments is not None else self.args.to_dict(),
             metrics or {},
             method=self.args.sam_method,
@@ -352,8 +367,12 @@ class AACETrainer(Trainer):
             dataset_name=dataset_name,
             test_split=test_split,
             repo_id=self.args.hub_model_id or name,
+            processor_class=saved_processor_class(output_dir),
+            plots=plots,
+            perturbation=perturbation,
+            **kwargs,
         )
-        card.save(os.path.join(self.args.output_dir, "README.md"))
+        card.save(os.path.join(output_dir, "README.md"))
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)

@@ -89,6 +89,13 @@ class AACETrainingArguments(TrainingArguments):
             raise ValueError(f"--lr_gamma must lie in (0, 1]; got {self.lr_gamma}.")
         super().__post_init__()
 
+    def to_dict(self) -> dict:
+        """The arguments as the Trainer reports them, with `rho` and `normalize_perturbation` as used (defaults
+        resolved), so that saved run records and model cards show the values the run trained with."""
+        values = super().to_dict()
+        values["rho"], values["normalize_perturbation"] = self.perturbation_rho, self.perturbation_normalized
+        return values
+
     @property
     def method(self) -> SharpnessAwareMethod:
         """The table entry of `sam_method`, read at every use."""

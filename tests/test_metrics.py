@@ -4,7 +4,7 @@ import torch
 import yaml
 from transformers import EvalPrediction
 
-from hf_aace import WideResNetConfig
+from hf_aace import WideResNetConfig, WideResNetForImageClassification
 from hf_aace.evaluate_metric import TopKAccuracy
 from hf_aace.hub import build_model_card
 from hf_aace.metrics import accuracy_from_top_k, compute_metrics, top_k_predictions
@@ -33,9 +33,9 @@ def test_bad_shapes_are_rejected():
 
 
 def test_model_card_reports_only_measured_numbers():
-    config = WideResNetConfig(depth=16, widen_factor=4, num_labels=10)
+    model = WideResNetForImageClassification(WideResNetConfig(depth=16, widen_factor=4, num_labels=10))
     metrics = {"test_accuracy": 0.9512, "test_top5_accuracy": 0.999, "test_loss": 0.2, "test_runtime": 3.0}
-    card = str(build_model_card(config, {}, metrics, method="sam", model_name="wrn", dataset_id="uoft-cs/cifar10"))
+    card = str(build_model_card(model, {}, metrics, method="sam", model_name="wrn", dataset_id="uoft-cs/cifar10"))
     metadata = yaml.safe_load(card.split("---")[1])
     assert metadata["datasets"] == ["uoft-cs/cifar10"]
     values = {m["type"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
@@ -44,7 +44,7 @@ def test_model_card_reports_only_measured_numbers():
     assert "with SAM using hf_aace" in " ".join(card.split()) and "AACE-SAM" not in card
 
     unmeasured = str(
-        build_model_card(config, {}, {}, method="aace", model_name="wrn", dataset_id="sklearn.datasets.load_digits")
+        build_model_card(model, {}, {}, method="aace", model_name="wrn", dataset_id="sklearn.datasets.load_digits")
     )
     metadata = yaml.safe_load(unmeasured.split("---")[1])
     assert "model-index" not in metadata and "datasets" not in metadata

@@ -460,3 +460,65 @@ def test_the_perturbation_is_freed_before_the_second_pass(tmp_path):
     model.register_forward_pre_hook(second_pass_hook)
     trainer.train()
     assert applied and alive_in_second_pass == [0]
+
+
+def _card(tmp_path, name: str, **card_options) -> tuple[dict, str]:
+    import yaml
+
+    model, dataset = build(name)
+    args = make_args(tmp_path, sam_method="sam")
+    trainer = AACETrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
+    trainer.create_model_card(**card_options)
+    text = (tmp_path / "README.md").read_text()
+    return yaml.safe_load(text.split("---")[1]), " ".join(text.split())
+
+
+def test_cards_for_transformers_models_name_their_task_and_honour_the_trainers_card_options(tmp_path):
+    metadata, card = _card(
+        tmp_path / "bert", "bert_single_label", tags=["mine"], language="en", finetuned_from="google/bert-tiny",
+        dataset="stanfordnlp/imdb", license="mit",
+    )  # fmt: skip
+    assert metadata["pipeline_tag"] == "text-classification" and metadata["language"] == "en"
+    assert metadata["license"] == "mit" and metadata["base_model"] == "google/bert-tiny"
+    assert metadata["datasets"] == ["stanfordnlp/imdb"] and {"mine", "hf_aace", "sam"} <= set(metadata["tags"])
+    assert "trust_remote_code" not in card and "modeling code travels" not in card
+    assert "AutoModelForSequenceClassification.from_pretrained" in card
+    assert "AutoImageProcessor" not in card and "AutoTokenizer" not in card  # no processor was saved
+    assert "with SAM (rho 0.05, normalized True)" in card
+
+    metadata, card = _card(tmp_path / "vit", "vit")
+    assert metadata["pipeline_tag"] == "image-classification" and "license" not in metadata
+    assert "AutoModelForImageClassification.from_pretrained" in card and "trust_remote_code" not in card
+    metadata, _ = _card(tmp_path / "gpt2", "gpt2")
+    assert metadata["pipeline_tag"] == "text-generation"
+
+
+def test_card_shows_the_saved_processor_and_the_training_plots(tmp_path):
+    from transformers import ViTImageProcessor
+
+    (tmp_path / "plots").mkdir(parents=True)
+    (tmp_path / "plots" / "losses.png").write_bytes(b"png")
+    ViTImageProcessor(size={"height": 8, "width": 8}).save_pretrained(tmp_path)
+    _, card = _card(tmp_path, "vit")
+    assert 'processor = AutoImageProcessor.from_pretrained("' in card
+    assert 'pipeline("image-classification"' in card and "![losses](plots/losses.png)" in card
+
+
+def test_peft_adapter_trains_and_gets_an_adapter_card(tmp_path):
+    peft = pytest.importorskip("peft")
+    import yaml
+
+    model, dataset = build("bert_single_label")
+    model.name_or_path = "local/bert-tiny"  # as from_pretrained sets it
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    adapters = {n: p.detach().clone() for n, p in lora.named_parameters() if p.requires_grad}
+    args = make_args(tmp_path, sam_method="aace", max_steps=2)
+    trainer = AACETrainer(model=lora, args=args, train_dataset=dataset, data_collator=default_data_collator)
+    trainer.train()
+    assert any(not torch.equal(p, adapters[n]) for n, p in lora.named_parameters() if p.requires_grad)
+    trainer.save_model()
+    trainer.create_model_card()
+    text = (tmp_path / "README.md").read_text()
+    metadata = yaml.safe_load(text.split("---")[1])
+    assert metadata["library_name"] == "peft" and metadata["base_model"] == "local/bert-tiny"
+    assert 'PeftModel.from_pretrained(base, "' in text and (tmp_path / "adapter_config.json").is_file()
