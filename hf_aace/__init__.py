@@ -2,6 +2,7 @@
 
 from .convert import convert_reference_checkpoint
 from .data import BatchAugmentation, ImageClassificationData, augmentation_for, load_image_classification_dataset
+from .divergence import DivergenceCallback, TrainingDivergedError
 from .image_processing_aace import AACEImageProcessor
 from .losses import AACELoss, aace_loss
 from .models import (
@@ -23,10 +24,12 @@ __all__ = [
     "AACETrainer",
     "AACETrainingArguments",
     "BatchAugmentation",
+    "DivergenceCallback",
     "ImageClassificationData",
     "PyramidNetConfig",
     "PyramidNetForImageClassification",
     "PyramidNetModel",
+    "TrainingDivergedError",
     "WideResNetConfig",
     "WideResNetForImageClassification",
     "WideResNetModel",

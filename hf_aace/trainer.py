@@ -12,6 +12,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
+from .divergence import DivergenceCallback
 from .hub import build_model_card, saved_processor_class
 from .perturbation import (
     WeightPerturbation,
@@ -40,14 +41,17 @@ class AACETrainer(Trainer):
 
     For each micro-batch (Ratchatorn & Tanaka 2024, Algorithm 1; Foret et al. 2021):
 
-    1. forward at the weights w (BatchNorm statistics update here), gradient g of the perturbation loss (AACE for
-       "aace", cross-entropy for "sam"/"asam"), taken without touching `.grad` and without gradient all-reduce;
+    1. forward at the weights w (BatchNorm statistics update here), gradient g of the perturbation loss (AACE on the
+       class logits for "aace", the Trainer's own training loss for "sam"/"asam"), with the accumulated `.grad` set
+       aside and without gradient all-reduce;
     2. perturb the weights to w + e (see `hf_aace.perturbation`);
     3. forward and backward at w + e through the Trainer's usual path (loss scaling, gradient accumulation and
        all-reduce unchanged) with BatchNorm statistics frozen;
     4. restore w from a saved copy; the optimizer then steps with the second pass's gradient.
 
-    Everything else (optimizers, clipping, checkpoints, evaluation, callbacks, `push_to_hub`) is the Trainer's.
+    Everything else (optimizers, clipping, checkpoints, evaluation, callbacks, `push_to_hub`) is the Trainer's. A
+    [`~hf_aace.DivergenceCallback`] is added: non-finite weights end training with a `TrainingDivergedError` before
+    they are logged or saved.
 
     Args:
         augmentation: optional batch augmentation called on the device batch's `pixel_values` before the first pass
@@ -84,6 +88,9 @@ class AACETrainer(Trainer):
         if augmentation is not None:
             # Every process draws its own augmentations; a resumed run reloads the streams from the checkpoint.
             augmentation.manual_seed(self.args.seed + self.args.process_index)
+        if not any(isinstance(callback, DivergenceCallback) for callback in self.callback_handler.callbacks):
+            # Non-finite weights stop training before they reach a log, an evaluation or a checkpoint.
+            self.add_callback(DivergenceCallback())
         self._perturbation = WeightPerturbation()
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._causal_lm = is_causal_lm(unwrap_peft_model(self.accelerator.unwrap_model(self.model)))

@@ -3,6 +3,7 @@
 import math
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from .losses import AACE_MODES
@@ -88,6 +89,20 @@ class AACETrainingArguments(TrainingArguments):
         if not 0 < self.lr_gamma <= 1:
             raise ValueError(f"--lr_gamma must lie in (0, 1]; got {self.lr_gamma}.")
         super().__post_init__()
+        if self.fp16 and (self.use_cpu or not torch.accelerator.is_available()):
+            # accelerate would run plain fp32 without a word while the saved arguments say fp16.
+            raise ValueError(
+                "--fp16 needs a GPU (fp16 loss scaling is a CUDA feature); on a CPU drop --fp16 or use --bf16."
+            )
+
+    def __getstate__(self) -> dict:
+        # Pickles (the Trainer saves one as training_args.bin in every checkpoint and pushes it) never carry a token:
+        # it authenticates uploads from this process only.
+        state = dict(self.__dict__)
+        for key in state:
+            if key.endswith("_token"):
+                state[key] = None
+        return state
 
     def to_dict(self) -> dict:
         """The arguments as the Trainer reports them, with `rho` and `normalize_perturbation` as used (defaults

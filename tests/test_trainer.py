@@ -454,4 +454,4 @@ def test_model_card_names_the_method_the_trainer_used(tmp_path):
     trainer = AACETrainer(model=tiny_wrn(), args=make_args(tmp_path, sam_method="asam"), train_dataset=make_dataset())
     trainer.create_model_card(metrics={"test_accuracy": 0.5})
     card = " ".join((tmp_path / "README.md").read_text().split())
-    assert "with ASAM using hf_aace" in card and '"sam_method": "asam"' in card
+    assert "with ASAM (rho 0.5, normalized True) using hf_aace" in card and '"sam_method": "asam"' in card
