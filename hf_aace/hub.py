@@ -164,7 +164,12 @@ def build_model_card(
     dataset_label = (
         f"{dataset_name} ({datasets[0]})" if dataset_name and datasets else (datasets[0] if datasets else None)
     )
-    what = f"{architecture} {TASK_TAG_TO_NAME_MAPPING.get(task, 'image classification' if own else 'model').lower()}"
+    if own:
+        what = f"{architecture} image classifier"
+    elif task in TASK_TAG_TO_NAME_MAPPING:
+        what = f"{architecture} model for {TASK_TAG_TO_NAME_MAPPING[task].lower()}"
+    else:
+        what = f"{architecture} model"
     if own or getattr(config, "num_labels", None) and task in ("image-classification", "text-classification"):
         what += f" ({config.num_labels} classes)"
     if is_adapter:
@@ -240,7 +245,8 @@ def _usage(repo: str, task: str | None, own: bool, processor_class: str | None, 
         return "\n".join(lines)
     lines.append(f'model = {auto_model}.from_pretrained("{repo}"{remote})')
     if processor_class:
-        lines.append(f'processor = {processor_class}.from_pretrained("{repo}"{remote})')
+        variable = "tokenizer" if processor_class == "AutoTokenizer" else "processor"
+        lines.append(f'{variable} = {processor_class}.from_pretrained("{repo}"{remote})')
     if task and processor_class:
         lines.append(f'pipe = pipeline("{task}", model="{repo}"{remote})')
     return "\n".join(lines)

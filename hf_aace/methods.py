@@ -49,7 +49,7 @@ METHODS: dict[str, SharpnessAwareMethod] = {
     for method in (
         SharpnessAwareMethod(
             "aace",
-            "AACE-SAM (adaptive adversarial cross-entropy perturbation)",
+            "AACE-SAM",
             perturbation_loss="aace",
             sign=-1.0,
             default_rho=0.2,
