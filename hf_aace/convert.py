@@ -10,6 +10,7 @@ reference network's logits.
 """
 
 import os
+import pickle
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -196,20 +197,36 @@ def load_reference_state_dict(checkpoint: str | os.PathLike | Mapping) -> dict[s
 
     Raises:
         FileNotFoundError: if the path does not exist.
-        ValueError: if the file cannot be read as a PyTorch checkpoint or does not hold a dict of tensors.
+        ValueError: if the path is a folder, or the file cannot be read as a PyTorch checkpoint or does not hold a dict
+            of tensors.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         path = Path(checkpoint)
+        if path.is_dir():
+            found = sorted(p.name for p in path.iterdir() if p.suffix in (".pth", ".pt"))
+            raise ValueError(
+                f"{str(path)!r} is a folder; pass the checkpoint file itself"
+                + (f" (it holds {', '.join(found)})." if found else ", a .pth/.pt file.")
+            )
         if not path.is_file():
             raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist.")
         try:
             # weights_only: a checkpoint is data; never run the pickled code of a downloaded file.
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch.load raises pickle, zip and runtime errors alike for foreign files
+            # torch's own message for pickled objects advises weights_only=False, which this function never uses.
+            unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            if isinstance(error, pickle.UnpicklingError) and unsupported:
+                raise ValueError(
+                    f"{str(path)!r} is not a plain state dict (it holds a {unsupported.group(1)} object): it pickles "
+                    "objects, e.g. a whole model saved with torch.save(model), and loading it would run their code. "
+                    "Where the paper's code is installed, re-save it with torch.save(model.state_dict(), path), then "
+                    "convert that."
+                ) from error
+            reason = str(error).split(". ")[0]
             raise ValueError(
-                f"Cannot read {str(path)!r} as a PyTorch checkpoint ({type(error).__name__}: {error}). Pass a file "
-                "written by torch.save(model.state_dict(), path); a file holding a whole pickled model is not loaded "
-                "(that would run its code): re-save its state_dict() where the paper's code is installed."
+                f"Cannot read {str(path)!r} as a PyTorch checkpoint ({type(error).__name__}: {reason}); the file is "
+                "truncated or not written by torch.save. Pass the file torch.save(model.state_dict(), path) wrote."
             ) from error
         origin = repr(str(path))
     else:

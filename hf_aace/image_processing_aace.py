@@ -14,6 +14,7 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
 _MODES = {1: "L", 3: "RGB"}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 class AACEImageProcessorKwargs(ImagesKwargs, total=False):
@@ -33,7 +34,7 @@ def prepare_image(
     """Converts a PIL image to the model's colour mode, then optionally pads it to a square and resizes it.
 
     Args:
-        image: the decoded image, any PIL mode.
+        image: the decoded image, any PIL mode; 16-bit grayscale is scaled to 8 bits, not clipped.
         num_channels: 1 for grayscale ("L"), 3 for RGB.
         size: `(height, width)` to resize to with bilinear filtering, or None to keep the image's size. Images that
             already have this size are left untouched.
@@ -45,6 +46,10 @@ def prepare_image(
     if num_channels not in _MODES:
         raise ValueError(f"num_channels must be 1 or 3, got {num_channels}.")
     mode = _MODES[num_channels]
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # PIL's convert clips 16-bit grayscale at 255; scale 0..65535 to 0..255 instead (x / 257, rounded).
+        pixels = (np.asarray(image).astype(np.uint32) + 128) // 257
+        image = PIL.Image.fromarray(pixels.astype(np.uint8))
     if image.mode != mode:
         # RGBA and palette images lose their alpha channel here, as PIL's convert does for "RGB".
         image = image.convert(mode)

@@ -9,8 +9,10 @@ with a_k = p_k ("adaptive", the paper's default), a_k = 1 ("uniform") or a_k ~ U
 with threshold 0 the loss is -log(1 - p_y): its gradient grows as the model becomes confident, where cross-entropy's
 vanishes.
 
-Everything is computed from log-probabilities, so the loss stays finite and exact for any finite logits. The direct
-formula (softmax, then divide by the wrong-class mass) returns NaN once the wrong-class probabilities underflow:
+Everything is computed from log-probabilities, so the loss is exact and finite wherever its value fits in the float
+type, also for masked classes (logit -inf) and logits near the float32 limit; it is +inf, never NaN, where the value
+is infinite or overflows (in "uniform" and "random" modes: target mass on a class whose log-probability is -inf). The
+direct formula (softmax, then divide by the wrong-class mass) returns NaN once the wrong-class probabilities underflow:
 true-class margins beyond about 100 in float32 and about 20 in float16.
 """
 
@@ -93,8 +95,10 @@ def aace_loss_unchecked(
     with torch.no_grad():
         if mode == "adaptive":
             # Raw logits rather than log p: log q is shift-invariant, and subtracting two large log-probabilities
-            # would lose float32 precision at large margins.
-            log_a = logits
+            # would lose float32 precision at large margins. A masked wrong class (logit -inf) gets zero target mass;
+            # the clamp keeps the normaliser finite when every wrong class is masked: the target is then uniform and
+            # the loss +inf, as -log(1 - p_y) is at p_y = 1.
+            log_a = logits.clamp(min=torch.finfo(logits.dtype).min)
         elif mode == "uniform":
             log_a = torch.zeros_like(log_p)
         else:
@@ -109,8 +113,11 @@ def aace_loss_unchecked(
             log_q = torch.where(is_true, log_q_true, log_q)
         q = log_q.exp()
         # 0 * log 0 = 0: a class with zero target mass contributes nothing.
-        q_log_q = torch.where(q > 0, q * log_q, torch.zeros_like(q))
-    loss = (q_log_q - q * log_p).sum(dim=-1)
+        has_mass = q > 0
+        q_log_q = torch.where(has_mass, q * log_q, torch.zeros_like(q))
+    # Likewise q log p = 0 where q = 0, also where log p is -inf (a masked class, or x - max overflowing near the
+    # float32 limit): 0 * -inf would be NaN.
+    loss = (q_log_q - torch.where(has_mass, q * log_p, torch.zeros_like(log_p))).sum(dim=-1)
     return _reduce(loss, reduction)
 
 

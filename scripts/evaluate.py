@@ -8,10 +8,14 @@ prepares them (size, padding, channels, mean and std). Runs on many processes un
 """
 
 import json
+import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
 
 from hf_aace import AACETrainer, AACETrainingArguments
@@ -44,6 +48,7 @@ class EvaluationArguments:
 
 def main(argv: list[str]) -> int:
     (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(argv)
+    check_model_location(args.model)
     processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     model = AutoModelForImageClassification.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     size = processor.size
@@ -63,6 +68,7 @@ def main(argv: list[str]) -> int:
             f"{args.dataset} has {data.num_labels} classes but the model predicts {model.config.num_labels}: "
             "evaluate on the dataset the model was trained for (see its model card)."
         )
+    check_class_names([model.config.id2label[i] for i in range(model.config.num_labels)], data.label_names, args)
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = AACETrainingArguments(
             output_dir=output_dir,
@@ -92,6 +98,47 @@ def main(argv: list[str]) -> int:
             with open(args.output_file, "w") as file:
                 json.dump(metrics, file, indent=2)
     return 0
+
+
+def check_model_location(model: str) -> None:
+    """Refuses a local path without a model before `from_pretrained` takes it for a Hub id (and retries the Hub)."""
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise ValueError(
+                f"{model!r} holds no config.json: pass the folder scripts/train.py wrote (its --output_dir) or a "
+                "Hub id 'owner/name'."
+            )
+        return
+    try:
+        validate_repo_id(model)
+        is_hub_id = not model.startswith((".", "~")) and not os.path.isdir(model.split("/")[0])
+    except HFValidationError:
+        is_hub_id = False
+    if not is_hub_id:
+        raise ValueError(
+            f"No model folder at {model!r} ({os.path.abspath(os.path.expanduser(model))}): pass an existing folder "
+            "written by scripts/train.py or a Hub id 'owner/name'."
+        )
+
+
+def check_class_names(model_names: list[str], dataset_names: list[str], args: EvaluationArguments) -> None:
+    """Refuses a dataset whose classes are named differently from the model's (generic LABEL_i names pass).
+
+    Names are compared by their letters and digits only: "T-shirt/top" and "T - shirt / top" are the same class.
+    """
+
+    def key(name: str) -> str:
+        return re.sub(r"[^0-9a-z]", "", str(name).lower())
+
+    generic = [f"LABEL_{i}" for i in range(len(model_names))]
+    if model_names == generic or list(map(key, model_names)) == list(map(key, dataset_names)):
+        return
+    index = next(i for i, (ours, theirs) in enumerate(zip(model_names, dataset_names)) if key(ours) != key(theirs))
+    raise ValueError(
+        f"Class {index} of {args.model} is {model_names[index]!r} but {dataset_names[index]!r} in {args.dataset}: the "
+        "model was trained on other classes or another label order. Evaluate on the dataset the model was trained for "
+        "(see its model card)."
+    )
 
 
 if __name__ == "__main__":

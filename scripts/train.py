@@ -9,13 +9,13 @@ Runs unchanged as `python scripts/train.py ...`, `accelerate launch scripts/trai
 
 import json
 import logging
+import math
 import os
 import sys
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 import transformers
 from transformers import AutoModelForImageClassification, HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_aace import (
     AACETrainer,
@@ -25,7 +25,19 @@ from hf_aace import (
     WideResNetConfig,
     WideResNetForImageClassification,
 )
-from hf_aace.data import augmentation_for, load_image_classification_dataset
+from hf_aace.checkpoints import (
+    LogAtCheckpointsCallback,
+    check_checkpoint,
+    find_resumable_checkpoint,
+    mean_training_loss,
+)
+from hf_aace.data import (
+    ImageClassificationSplit,
+    augmentation_for,
+    load_image_classification_dataset,
+    symmetric_label_noise,
+)
+from hf_aace.divergence import TrainingDivergedError
 from hf_aace.metrics import compute_metrics, top_k_predictions
 from hf_aace.plotting import plot_training_curves
 
@@ -63,6 +75,10 @@ class DataArguments:
     image_column: str | None = field(default=None, metadata={"help": "Image column of a non-preset dataset."})
     label_column: str | None = field(default=None, metadata={"help": "Label column of a non-preset dataset."})
     image_size: int | None = field(default=None, metadata={"help": "Resize images to this size (Food101: 32)."})
+    pad_to_square: bool | None = field(
+        default=None,
+        metadata={"help": "Pad images to a centred square before resizing, keeping their aspect (Food101: true)."},
+    )
     coarse_labels: bool = field(default=False, metadata={"help": "CIFAR-100: train on the 20 superclasses."})
     cache_dir: str | None = field(default=None, metadata={"help": "Cache of decoded datasets."})
     augment: bool = field(
@@ -73,6 +89,16 @@ class DataArguments:
     cutout_size: int | None = field(default=None, metadata={"help": "Cutout square size (0: off)."})
     eval_train_split: bool = field(
         default=True, metadata={"help": "Also measure accuracy and loss on the whole training split at the end."}
+    )
+    label_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Symmetric label noise: replace exactly round(P x N) training labels by a different class drawn "
+            "uniformly (test labels stay clean)."
+        },
+    )
+    label_noise_seed: int | None = field(
+        default=None, metadata={"help": "Seed choosing the noisy labels (default: --seed)."}
     )
 
 
@@ -85,6 +111,11 @@ class RecipeArguments:
             "choices": ["paper"],
         },
     )
+
+    def __post_init__(self):
+        # A JSON config bypasses argparse's choices.
+        if self.recipe not in (None, "paper"):
+            raise ValueError(f"recipe must be 'paper' or left out, got {self.recipe!r}.")
 
 
 # Defaults of this script where they differ from the Trainer's; every flag overrides them.
@@ -171,11 +202,17 @@ def main(argv: list[str]) -> int:
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     logger.info(f"Training arguments: {training_args}")
 
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.resume_from_checkpoint is None:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None:
-            logger.info(f"Resuming from {last_checkpoint}; pass another --output_dir to start afresh.")
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is not None:
+        check_checkpoint(checkpoint)
+    else:
+        checkpoint, skipped = find_resumable_checkpoint(training_args.output_dir)
+        for path, problem in skipped:
+            logger.warning(f"Not resuming from {path}: {problem}. The folder is left as it is.")
+        if checkpoint is not None:
+            logger.info(f"Resuming from {checkpoint}; pass another --output_dir to start afresh.")
+        elif skipped:
+            logger.warning(f"No complete checkpoint in {training_args.output_dir}: training starts from scratch.")
 
     set_seed(training_args.seed)
     with training_args.main_process_first(desc="decoding the dataset"):
@@ -185,12 +222,22 @@ def main(argv: list[str]) -> int:
             image_column=data_args.image_column,
             label_column=data_args.label_column,
             image_size=data_args.image_size,
+            pad_to_square=data_args.pad_to_square,
             coarse_labels=data_args.coarse_labels,
             cache_dir=data_args.cache_dir,
         )
     logger.info(
         f"{data.name}: {len(data.train)} train / {len(data.test)} {data.test_split} images, {data.num_labels} classes"
     )
+    noise_seed = training_args.seed if data_args.label_noise_seed is None else data_args.label_noise_seed
+    noisy_labels, corrupted = symmetric_label_noise(
+        data.train.labels, data.num_labels, data_args.label_noise, noise_seed
+    )
+    # A new split rather than edited labels: the loaded dataset keeps the clean ones.
+    data = replace(data, train=ImageClassificationSplit(data.train.images, noisy_labels))
+    label_noise = {"rate": len(corrupted) / len(data.train), "corrupted": len(corrupted), "seed": noise_seed}
+    if len(corrupted):
+        logger.info(f"Label noise: {len(corrupted)} of {len(data.train)} training labels replaced (seed {noise_seed})")
 
     model = build_model(model_args, data)
     # Batches arrive as uint8; the augmentation also normalises them (with every switch off under --augment false).
@@ -215,25 +262,40 @@ def main(argv: list[str]) -> int:
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=top_k_predictions,
         augmentation=augmentation,
+        callbacks=[LogAtCheckpointsCallback()],
     )
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    except TrainingDivergedError as error:
+        if trainer.is_world_process_zero():
+            last, _ = find_resumable_checkpoint(training_args.output_dir)
+            kept = f"the last checkpoint, {last}, holds finite weights" if last else "no checkpoint was written"
+            print(f"{error}\nNo final model was saved or pushed; {kept}.", file=sys.stderr)
+        return 2
+    # The Trainer's train_loss covers only the steps of this call (0.0 when resuming the final checkpoint); the log
+    # history covers the whole run. The summary entry the Trainer just logged gets the same value.
+    train_loss = mean_training_loss(trainer.state.log_history)
+    train_result.metrics["train_loss"] = trainer.state.log_history[-1]["train_loss"] = train_loss
     trainer.save_model()
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
+    train_result.metrics["train_label_noise_rate"] = label_noise["rate"]
+    train_metrics = finite_or_none(train_result.metrics)
+    trainer.log_metrics("train", train_metrics)
+    trainer.save_metrics("train", train_metrics)
     trainer.save_state()
 
-    test_metrics = trainer.evaluate(metric_key_prefix="test")
+    test_metrics = finite_or_none(trainer.evaluate(metric_key_prefix="test"))
     trainer.log_metrics("test", test_metrics)
     trainer.save_metrics("test", test_metrics)
     if data_args.eval_train_split:
-        train_metrics = trainer.evaluate(data.train, metric_key_prefix="train_eval")
-        trainer.log_metrics("train_eval", train_metrics)
-        trainer.save_metrics("train_eval", train_metrics)
+        train_eval_metrics = finite_or_none(trainer.evaluate(data.train, metric_key_prefix="train_eval"))
+        trainer.log_metrics("train_eval", train_eval_metrics)
+        trainer.save_metrics("train_eval", train_eval_metrics)
 
     run_arguments = {
         "model": asdict(model_args),
         "data": asdict(data_args),
         "recipe": recipe_args.recipe,
+        "label_noise": label_noise,
         "training": training_args.to_dict(),
     }
     card_arguments = {**run_arguments, "training": changed_training_arguments(training_args)}
@@ -264,6 +326,13 @@ def main(argv: list[str]) -> int:
         if trainer.is_world_process_zero():
             print(f"Pushed to {trainer.hub_model_id}")
     return 0
+
+
+def finite_or_none(metrics: dict) -> dict:
+    """NaN and infinities become None (JSON null): the metrics files stay valid JSON and show no made-up number."""
+    return {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in metrics.items()
+    }
 
 
 def changed_training_arguments(training_args: AACETrainingArguments) -> dict:

@@ -62,8 +62,7 @@ def test_cifar10_preset_from_local_copy_converts_stray_modes(tmp_path):
     assert data.augmentation == {"crop_padding": 4, "flip": True, "cutout_size": 16, "cutout_p": 0.5}
 
 
-@pytest.mark.parametrize("coarse", [False, True])
-def test_cifar100_preset_fine_and_coarse_labels(tmp_path, coarse):
+def test_cifar100_preset_fine_and_coarse_labels_share_a_cache_without_mixing(tmp_path):
     rng = np.random.default_rng(1)
     features = datasets.Features(
         {"img": datasets.Image(), "fine_label": class_label(100), "coarse_label": class_label(20)}
@@ -78,13 +77,17 @@ def test_cifar100_preset_fine_and_coarse_labels(tmp_path, coarse):
     }
     source = write_hub_dataset(tmp_path / "cifar100", features, splits)
 
-    data = load_image_classification_dataset(
-        "cifar100", source=str(source), coarse_labels=coarse, cache_dir=tmp_path / "cache"
-    )
-
-    assert data.num_labels == (20 if coarse else 100)
-    assert data.label_column == ("coarse_label" if coarse else "fine_label")
-    assert data.train.labels.tolist() == ([19, 0, 1, 2] if coarse else [99, 1, 2, 3])
+    # One cache folder: each label choice is decoded into its own entry, never read back from the other's.
+    for coarse in (False, True, False, True):
+        data = load_image_classification_dataset(
+            "cifar100", source=str(source), coarse_labels=coarse, cache_dir=tmp_path / "cache"
+        )
+        assert data.num_labels == (20 if coarse else 100)
+        assert data.label_names[-1] == ("class_19" if coarse else "class_99")
+        assert data.label_column == ("coarse_label" if coarse else "fine_label")
+        assert data.train.labels.tolist() == ([19, 0, 1, 2] if coarse else [99, 1, 2, 3])
+        assert data.test.labels.tolist() == ([19, 0, 1, 2] if coarse else [99, 1, 2, 3])
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
 
 
 def test_fashion_mnist_preset_stays_grayscale(tmp_path):
@@ -277,10 +280,10 @@ def test_labels_outside_class_range(tmp_path):
     stored = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
     splits = {
         "train": {"image": images["train"], "label": [0, 1, 1]},
-        "test": {"image": images["test"], "label": [0, 5, 1]},
+        "test": {"image": images["test"], "label": [0, 2, 1]},  # 2 classes: label 2 is the first one out of range
     }
     source = write_hub_dataset(tmp_path / "d", declared, splits, parquet_features=stored)
-    with pytest.raises(ValueError, match="Label 5 in split 'test', row 1"):
+    with pytest.raises(ValueError, match=r"Label 2 in split 'test', row 1 .* outside the 2 classes 0\.\.1"):
         load_image_classification_dataset(str(source), cache_dir=tmp_path / "cache")
 
     unlabelled = {"train": splits["train"], "test": {"image": images["test"], "label": [-1, -1, -1]}}

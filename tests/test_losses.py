@@ -1,8 +1,11 @@
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hf_aace import AACELoss, aace_loss
+from hf_aace.losses import aace_loss_unchecked
 
 
 def paper_aace(logits: torch.Tensor, labels: torch.Tensor, threshold: float, mode: str = "adaptive", a=None):
@@ -26,7 +29,7 @@ def paper_aace(logits: torch.Tensor, labels: torch.Tensor, threshold: float, mod
 
 
 @pytest.mark.parametrize("num_classes", [2, 10, 100])
-@pytest.mark.parametrize("threshold", [0.0, 0.3])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("mode", ["adaptive", "uniform"])
 def test_matches_paper_formula_values_and_gradients(num_classes, threshold, mode):
     generator = torch.Generator().manual_seed(num_classes)
@@ -43,11 +46,13 @@ def test_matches_paper_formula_values_and_gradients(num_classes, threshold, mode
     torch.testing.assert_close(logits.grad.double(), expected_logits.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_random_mode_uses_uniform_weights_from_the_generator():
-    logits = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_random_mode_uses_uniform_weights_from_the_generator(dtype):
+    logits = torch.randn(8, 5, generator=torch.Generator().manual_seed(0), dtype=dtype)
     labels = torch.arange(8) % 5
     loss = aace_loss(logits, labels, reduction="none", mode="random", generator=torch.Generator().manual_seed(7))
-    weights = 1 - torch.rand(8, 5, generator=torch.Generator().manual_seed(7))
+    # Drawn in the computation's dtype: float64 draws differ from float32 ones.
+    weights = 1 - torch.rand(8, 5, generator=torch.Generator().manual_seed(7), dtype=dtype)
     torch.testing.assert_close(loss.double(), paper_aace(logits, labels, 0.0, "random", weights), rtol=1e-5, atol=1e-6)
     other = aace_loss(logits, labels, reduction="none", mode="random", generator=torch.Generator().manual_seed(8))
     assert not torch.allclose(loss, other)
@@ -131,7 +136,21 @@ def test_reductions_and_module():
     per_sample = aace_loss(logits, labels, reduction="none")
     assert per_sample.shape == (5,)
     torch.testing.assert_close(aace_loss(logits, labels, reduction="sum"), per_sample.sum())
-    torch.testing.assert_close(AACELoss(threshold=0.2)(logits, labels), aace_loss(logits, labels, threshold=0.2))
+    # The module and the unchecked variant have the function's defaults and options; gradients too (in adaptive
+    # mode, threshold 1 has the value of threshold 0 but not its gradient).
+    for options in ({}, {"threshold": 0.2, "reduction": "none", "mode": "uniform"}):
+        function_logits = logits.clone().requires_grad_()
+        function_loss = aace_loss(function_logits, labels, **options)
+        function_loss.sum().backward()
+        for variant in (AACELoss(**options), functools.partial(aace_loss_unchecked, **options)):
+            variant_logits = logits.clone().requires_grad_()
+            variant_loss = variant(variant_logits, labels)
+            torch.testing.assert_close(variant_loss, function_loss)
+            variant_loss.sum().backward()
+            torch.testing.assert_close(variant_logits.grad, function_logits.grad)
+    for bad in ({"threshold": 1.5}, {"mode": "const"}, {"reduction": "avg"}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must"):
+            AACELoss(**bad)
 
 
 @pytest.mark.parametrize(
@@ -151,3 +170,70 @@ def test_reductions_and_module():
 def test_bad_input_raises_clear_value_error(logits, labels, kwargs, message):
     with pytest.raises(ValueError, match=message):
         aace_loss(logits, labels, **kwargs)
+
+
+def minus_log_one_minus_p_true(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """-log(1 - p_y) = -log(sum of the wrong-class probabilities), from float64 log-probabilities."""
+    log_p = logits.double().log_softmax(-1)
+    return -log_p.masked_fill(F.one_hot(labels, logits.shape[-1]).bool(), float("-inf")).logsumexp(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_masked_wrong_classes_give_the_exact_loss_and_gradient(dtype):
+    # A -inf logit (a masked class) has probability 0: cross-entropy is finite there, and so is AACE.
+    rows = [
+        ([0.0, 0.0, -torch.inf, -torch.inf], 0),
+        ([2.0, -torch.inf, 1.0, -torch.inf], 2),
+        ([-1.0, 3.0, -torch.inf, 0.5], 1),
+        ([5.0, -torch.inf, -3.0, 0.0], 0),
+    ]
+    logits = torch.tensor([row for row, _ in rows], dtype=dtype, requires_grad=True)
+    labels = torch.tensor([label for _, label in rows])
+    assert torch.isfinite(F.cross_entropy(logits.float(), labels))
+
+    loss = aace_loss(logits, labels, reduction="none")
+    expected_logits = logits.detach().double().requires_grad_()
+    expected = minus_log_one_minus_p_true(expected_logits, labels)
+    assert torch.isfinite(expected).all()
+    # Half-precision logits are computed in float32; only their gradient is rounded back to their dtype.
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss[0].item(), torch.log(torch.tensor(2.0)).item())  # p_y = 1/2: log 2, as CE
+
+    loss.sum().backward()
+    expected.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(logits.grad, expected_logits.grad.to(dtype))
+    assert (logits.grad[torch.isinf(logits.detach())] == 0).all()
+
+
+def test_every_wrong_class_masked_gives_plus_infinity_not_nan():
+    # p_y = 1 exactly: -log(1 - p_y) is +inf in every mode; never NaN, never a made-up finite value.
+    logits = torch.tensor([[0.0, -torch.inf, -torch.inf]])
+    for mode in ("adaptive", "uniform", "random"):
+        assert aace_loss(logits, torch.tensor([0]), mode=mode).item() == torch.inf, mode
+
+
+@pytest.mark.parametrize(
+    ("row", "label"),
+    [([2e38, 0.0, -2e38], 0), ([2e38, 2e38, -2e38], 0), ([-2e38, 2e38, 3.0], 1), ([1e38, -1e38, -2e38], 1)],
+)
+def test_logits_near_the_float32_limit_give_the_exact_loss(row, label):
+    # x - max overflows to -inf for some classes; the loss itself fits in float32 and is computed exactly.
+    logits = torch.tensor([row], requires_grad=True)
+    labels = torch.tensor([label])
+    assert torch.isfinite(F.cross_entropy(logits, labels))
+    loss = aace_loss(logits, labels)
+    expected = minus_log_one_minus_p_true(logits.detach(), labels)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), expected[0], rtol=1e-6, atol=1e-6)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_loss_beyond_the_float32_range_is_plus_infinity_not_nan():
+    # -log(1 - p_y) = 4e38 does not fit in float32: it rounds to +inf, as any float32 overflow does; uniform mode puts
+    # target mass on a class whose log-probability overflows, which is +inf too.
+    logits = torch.tensor([[2e38, -2e38]])
+    for mode in ("adaptive", "uniform"):
+        assert aace_loss(logits, torch.tensor([0]), mode=mode).item() == torch.inf
+    assert aace_loss(torch.tensor([[0.0, 0.0, -torch.inf]]), torch.tensor([0]), mode="uniform").item() == torch.inf

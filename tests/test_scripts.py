@@ -133,7 +133,7 @@ def test_paper_recipe_and_explicit_flags_override_it(tmp_path):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"recipe": "paper", "model": "wide_resnet", "output_dir": str(tmp_path), "seed": 7}))
     model_args, _, _, args = train.parse_arguments([str(config)])
-    assert (model_args.depth, model_args.widen_factor) == (28, 10)
+    assert (model_args.depth, model_args.widen_factor, model_args.dropout_rate) == (28, 10, 0.0)
     assert args.per_device_train_batch_size == 256 and args.seed == 7
 
 
@@ -254,3 +254,26 @@ def test_train_script_under_accelerate_launch_on_two_processes(tmp_path):
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3]
     arguments = json.loads((output / "run_arguments.json").read_text())
     assert arguments["training"]["ddp_find_unused_parameters"] is False
+
+
+@pytest.mark.parametrize("world_size", [4, 8])
+@pytest.mark.parametrize(("model", "global_batch"), [("wide_resnet", 256), ("pyramidnet", 64)])
+def test_paper_recipe_splits_the_global_batch_over_the_processes(
+    tmp_path, monkeypatch, world_size, model, global_batch
+):
+    train = load_train_module()
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))  # what accelerate launch sets in every process
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"recipe": "paper", "model": model, "output_dir": str(tmp_path)}))
+    flags = ["--recipe", "paper", "--model", model, "--output_dir", str(tmp_path)]
+    for argv in (flags, [str(config)]):
+        model_args, _, _, args = train.parse_arguments(argv)
+        assert args.per_device_train_batch_size == global_batch // world_size, argv
+        if model == "wide_resnet":
+            assert model_args.dropout_rate == 0.0
+    _, _, _, args = train.parse_arguments([*flags, "--per_device_train_batch_size", "3"])
+    assert args.per_device_train_batch_size == 3  # an explicit flag still wins
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match=f"global batch of {global_batch}, which 3 processes cannot split"):
+        train.parse_arguments(flags)

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 from huggingface_hub import constants as hub_constants
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers.utils import logging
 
@@ -296,7 +297,7 @@ def load_image_classification_dataset(
     else:
         dataset_id = preset.hub_id if preset else name
         source = source or dataset_id
-        splits = datasets.load_dataset(source, revision=revision)
+        splits = _load_splits(source, revision)
     if not isinstance(splits, datasets.DatasetDict):
         raise ValueError(f"{source!r} loaded as {type(splits).__name__}; expected a dataset with named splits.")
     test_split = preset.test_split if preset else _find_test_split(splits, source)
@@ -336,10 +337,15 @@ def load_image_classification_dataset(
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset_id)[-60:]
     cache_file = cache_root / f"{stem}-{digest}.safetensors"
 
+    tensors = None
     if cache_file.exists():
         logger.info(f"Loading decoded {dataset_id} from {cache_file}")
-        tensors, label_names = _read_cache(cache_file)
-    else:
+        try:
+            tensors, label_names = _read_cache(cache_file)
+        except (SafetensorError, OSError, ValueError, KeyError) as error:
+            # A run killed while writing, a full disk or a bad copy: decoding again replaces the file.
+            logger.warning(f"The decoded-dataset cache {cache_file} is unreadable ({error}); decoding again.")
+    if tensors is None:
         start = time.perf_counter()
         tensors, label_names = _prepare_tensors(
             train, test, test_split, image_column, label_column, size, pad_to_square, num_channels
@@ -368,6 +374,19 @@ def load_image_classification_dataset(
         label_column=label_column,
         augmentation=dict(preset.augmentation) if preset else _generic_augmentation(images.shape[2:]),
     )
+
+
+def _load_splits(source: str, revision: str | None) -> datasets.DatasetDict:
+    try:
+        return datasets.load_dataset(source, revision=revision)
+    except ValueError as error:
+        # datasets reports an empty split without naming the dataset.
+        empty = re.search(r'Instruction "([^"]+)" corresponds to no data', str(error))
+        if empty is None:
+            raise
+        raise ValueError(
+            f"The {empty.group(1)!r} split of {source!r} is empty: add its rows or remove the split from the dataset."
+        ) from error
 
 
 def _resolve_preset(
@@ -485,7 +504,7 @@ def _prepare_tensors(
     if isinstance(feature, datasets.ClassLabel):
         label_names = list(feature.names)
     else:
-        label_names = [str(i) for i in range(int(max(train_labels.max(), test_labels.max())) + 1)]
+        label_names = _integer_label_names(train_labels, test_labels, test_split, label_column)
     for split, labels in (("train", train_labels), (test_split, test_labels)):
         invalid = ((labels < 0) | (labels >= len(label_names))).nonzero()[0]
         if len(invalid):
@@ -514,6 +533,25 @@ def _prepare_tensors(
         "std": std,
     }
     return tensors, label_names
+
+
+def _integer_label_names(
+    train_labels: np.ndarray, test_labels: np.ndarray, test_split: str, label_column: str
+) -> list[str]:
+    """Names "0".."max label" for an integer label column, refusing a range that most classes leave empty."""
+    present = np.unique(np.concatenate([train_labels, test_labels]))
+    present = present[present >= 0]  # negative labels are reported with the other out-of-range ones
+    num_classes = int(present[-1]) + 1 if len(present) else 0
+    # More classes without a single example than with one: a stray label, not a class list.
+    if num_classes - len(present) > len(present):
+        split, labels = ("train", train_labels) if train_labels.max() == present[-1] else (test_split, test_labels)
+        raise ValueError(
+            f"Column {label_column!r} holds integer labels up to {num_classes - 1}, but only {len(present)} of those "
+            f"{num_classes} classes occur: a model would get {num_classes} outputs. The largest label is in split "
+            f"{split!r}, row {int(labels.argmax())}; fix or drop such rows, or cast the column to a ClassLabel naming "
+            "the classes."
+        )
+    return [str(i) for i in range(num_classes)]
 
 
 def _raw_images(dataset: datasets.Dataset, column: str):
@@ -582,7 +620,7 @@ def _decode_images(
             raise ValueError(
                 f"The image in split {split!r}, row {row} is {pixels.shape[0]}x{pixels.shape[1]} but the first one is "
                 f"{array.shape[1]}x{array.shape[2]}; pass image_size=(height, width) to resize all images (and "
-                "pad_to_square=True to keep their aspect ratio)."
+                "pad_to_square=True to keep their aspect ratio); scripts/train.py: --image_size and --pad_to_square."
             )
         array[row] = pixels.reshape(array.shape[1:])
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()

@@ -123,13 +123,15 @@ class WideResNetModel(WideResNetPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         hidden_state, hidden_states = self.encoder(self.embedder(pixel_values), output_hidden_states)
         hidden_state = F.relu(self.norm(hidden_state))
-        pooled = self.pooler(hidden_state)
-        if pooled.shape[-2:] != (1, 1):
+        size = self.config.pooling_size
+        if size and not all(size <= side < 2 * size for side in hidden_state.shape[-2:]):
+            # A fixed window pools the map to 1x1 only for sides from size to 2 * size - 1.
             raise ValueError(
-                f"pooling_size={self.config.pooling_size} leaves a {tuple(pooled.shape[-2:])} map for "
-                f"{tuple(pixel_values.shape[-2:])} inputs; use pooling_size=None (global pooling) for this input size."
+                f"pooling_size={size} does not pool the {tuple(hidden_state.shape[-2:])} feature map of "
+                f"{tuple(pixel_values.shape[-2:])} inputs to 1x1; use pooling_size=None (global pooling) for this "
+                "input size."
             )
-        pooled = pooled.flatten(1)
+        pooled = self.pooler(hidden_state).flatten(1)
         if not return_dict:
             return (hidden_state, pooled) + ((hidden_states,) if output_hidden_states else ())
         return BaseModelOutputWithPoolingAndNoAttention(
