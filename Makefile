@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench mutants clean
 
 install: $(STAMP)
 
@@ -35,5 +35,12 @@ bench: install
 	$(BIN)/python bench/step_cost.py
 	$(BIN)/python bench/augmentation_throughput.py
 
+# Mutation testing of the core modules (tests/README.md): not part of `make test` or CI. MUTANTS narrows the run to
+# mutant names, e.g. make mutants MUTANTS='hf_aace.losses.* hf_aace.perturbation.*'; results persist in mutants/.
+MUTANTS ?=
+mutants: install
+	nice -n 19 $(BIN)/mutmut run --max-children 2 $(MUTANTS)
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) outputs build *.egg-info
+	rm -rf $(VENV) outputs build *.egg-info mutants

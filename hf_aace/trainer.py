@@ -76,6 +76,13 @@ class AACETrainer(Trainer):
                 f"AACETrainer needs AACETrainingArguments, got {type(self.args).__name__}; "
                 "build the arguments with hf_aace.AACETrainingArguments(...)."
             )
+        checkpointing = self.args.activation_checkpointing_kwargs or {}
+        if self.args.ddp_static_graph and self.args.activation_checkpointing and checkpointing.get("use_reentrant"):
+            raise ValueError(
+                "AACETrainer cannot combine ddp_static_graph with reentrant gradient checkpointing: static-graph DDP "
+                "needs the first pass's gradient taken with torch.autograd.grad, which reentrant checkpointing "
+                "refuses. Drop --ddp_static_graph or set activation_checkpointing_kwargs={'use_reentrant': False}."
+            )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
                 "AACETrainer does not support DeepSpeed or FSDP yet: the perturbation needs the full parameters on "
@@ -109,10 +116,13 @@ class AACETrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
 
         model.train()
-        # Pass 1 at w. Under no_sync, DDP neither prepares nor runs a gradient all-reduce: each process perturbs
-        # with its own micro-batch's gradient (SAM's m-sharpness).
+        # Pass 1 at w on the module DDP wraps: DDP neither prepares nor runs a gradient all-reduce (each process
+        # perturbs with its own micro-batch's gradient, SAM's m-sharpness), and static-graph DDP sees only pass 2.
+        first_pass_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         with self.accelerator.no_sync(model):
-            clean_loss, perturbation_loss, report_scale, accuracy = self._first_pass(model, inputs, num_items_in_batch)
+            clean_loss, perturbation_loss, report_scale, accuracy = self._first_pass(
+                first_pass_model, inputs, num_items_in_batch
+            )
             params = [p for p in model.parameters() if p.requires_grad]
             scaler = self.accelerator.scaler
             grads = self._gradients(
@@ -223,6 +233,10 @@ class AACETrainer(Trainer):
         `backward()` rather than `torch.autograd.grad`, which reentrant gradient checkpointing refuses: the
         accumulated gradients are set aside (references, no copies) and put back.
         """
+        if self.args.ddp_static_graph:
+            # Static-graph DDP counts the gradient hooks that fire in its first iterations, pass 1's too, and would
+            # then wait for twice as many in pass 2: take this gradient without accumulating into `.grad`.
+            return list(torch.autograd.grad(objective, params, allow_unused=True))
         accumulated = [p.grad for p in params]
         for p in params:
             p.grad = None

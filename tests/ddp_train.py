@@ -1,7 +1,7 @@
 """Trains a tiny WideResNet with AACETrainer on two gloo processes; run by test_trainer.py under accelerate launch.
 
-Each rank writes its first pass-1 gradient norm, a hash of its final parameters and its logged losses to
-`<output_dir>/rank<i>.json`.
+Each rank writes its first pass-1 gradient norm, a hash of its final parameters, its logged losses and a hash of the
+first augmentation its trainer drew to `<output_dir>/rank<i>.json`. `--static_graph` trains with `ddp_static_graph`.
 """
 
 import hashlib
@@ -11,7 +11,35 @@ from pathlib import Path
 
 import torch
 
-from hf_aace import AACETrainer, AACETrainingArguments, WideResNetConfig, WideResNetForImageClassification
+from hf_aace import (
+    AACETrainer,
+    AACETrainingArguments,
+    BatchAugmentation,
+    WideResNetConfig,
+    WideResNetForImageClassification,
+)
+
+# A fixed uint8 batch: the same images on every rank, so different draws give different augmented batches.
+PROBE_IMAGES = (torch.arange(4 * 3 * 8 * 8) % 251).to(torch.uint8).reshape(4, 3, 8, 8)
+
+
+def digest(tensors) -> str:
+    return hashlib.sha256(b"".join(t.detach().contiguous().numpy().tobytes() for t in tensors)).hexdigest()
+
+
+def probe_augmentation(seed: int, cls: type = BatchAugmentation) -> BatchAugmentation:
+    return cls((0.5,) * 3, (0.25,) * 3, crop_padding=2, flip=True, cutout_size=4, seed=seed)
+
+
+class ProbeAugmentation(BatchAugmentation):
+    """The real augmentation stream, recorded on the probe batch at the first training step; batches pass unchanged."""
+
+    first_draw = None
+
+    def __call__(self, images):
+        if self.first_draw is None:
+            self.first_draw = digest([super().__call__(PROBE_IMAGES)])
+        return images
 
 
 class RecordingTrainer(AACETrainer):
@@ -37,7 +65,7 @@ class Memorise(torch.utils.data.Dataset):
         return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
 
 
-def main(output_dir: Path) -> None:
+def main(output_dir: Path, static_graph: bool) -> None:
     torch.manual_seed(0)
     model = WideResNetForImageClassification(WideResNetConfig(depth=10, widen_factor=1, num_labels=3))
     args = AACETrainingArguments(
@@ -53,19 +81,24 @@ def main(output_dir: Path) -> None:
         save_strategy="no",
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
+        ddp_static_graph=static_graph,
         seed=0,
     )
-    trainer = RecordingTrainer(model=model, args=args, train_dataset=Memorise())
+    augmentation = probe_augmentation(999, ProbeAugmentation)  # another seed: the trainer reseeds it per process
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=Memorise(), augmentation=augmentation)
     trainer.train()
-    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+    # The documented stream of each process: args.seed + process index.
+    expected_augmentation = probe_augmentation(args.seed + args.process_index)(PROBE_IMAGES)
     record = {
         "world_size": args.world_size,
         "first_grad_norm": trainer.first_grad_norm,
-        "weights": digest,
+        "weights": digest(model.parameters()),
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "first_augmentation": augmentation.first_draw,
+        "expected_augmentation": digest([expected_augmentation]),
     }
     (output_dir / f"rank{args.process_index}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), static_graph="--static_graph" in sys.argv[2:])

@@ -9,6 +9,7 @@ from hf_aace import (
     BatchAugmentation,
     WideResNetConfig,
     WideResNetForImageClassification,
+    aace_loss,
 )
 
 pytestmark = [
@@ -60,3 +61,16 @@ def test_augmentation_on_cuda_matches_cpu_normalisation_and_resumes():
     resumed = BatchAugmentation((0.5,) * 3, (0.25,) * 3, crop_padding=4, flip=True, cutout_size=16, seed=3)
     resumed.load_state_dict(state)
     assert torch.equal(resumed(images.cuda()), expected)
+
+
+def test_random_aace_weights_are_drawn_on_the_logits_device():
+    logits = torch.randn(8, 5, device="cuda")
+    labels = torch.arange(8, device="cuda") % 5
+    generator = torch.Generator("cuda").manual_seed(7)
+    loss = aace_loss(logits, labels, reduction="none", mode="random", generator=generator)
+    weights = 1 - torch.rand(8, 5, device="cuda", generator=torch.Generator("cuda").manual_seed(7))
+    target = weights.masked_fill(torch.nn.functional.one_hot(labels, 5).bool(), 0.0)
+    target = target / target.sum(-1, keepdim=True)  # threshold 0: no mass on the true class
+    expected = (target * (target.clamp_min(1e-30).log() - logits.log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(loss, expected)
+    assert aace_loss(logits, labels, mode="random").device == logits.device  # the trainer passes no generator

@@ -17,10 +17,15 @@ def tensors(seed: int, shapes=((3, 4), (5,), (2, 2, 3))):
     return [torch.randn(*shape, generator=generator) for shape in shapes]
 
 
-def test_global_norm_is_the_norm_of_everything_concatenated():
-    values = tensors(0)
-    expected = torch.cat([v.flatten() for v in values]).norm()
-    torch.testing.assert_close(global_norm(values), expected)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_global_norm_is_the_norm_of_everything_concatenated(dtype):
+    # Half-precision gradients are summed in float32: this norm (about 1e5) overflows float16 and needs more digits
+    # than bfloat16 has.
+    values = [(1000 * v).to(dtype) for v in tensors(0, shapes=((100, 100), (5,), (2, 2, 3)))]
+    expected = torch.cat([v.double().flatten() for v in values]).norm()
+    norm = global_norm(values)
+    assert norm.dtype == torch.float32
+    torch.testing.assert_close(norm.double(), expected, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import ResNetConfig, ResNetForImageClassification
+from transformers import ResNetConfig, ResNetForImageClassification, TrainerCallback
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
 
 from hf_aace import AACETrainer, AACETrainingArguments, WideResNetConfig, WideResNetForImageClassification, aace_loss
@@ -64,8 +64,10 @@ def make_args(tmp_path, **overrides) -> AACETrainingArguments:
     return AACETrainingArguments(**settings)
 
 
-def reference_step(model, batches, method: str, rho: float, normalize: bool, lr: float, accumulation: int = 1):
-    """One optimizer step written out by hand: perturb, second pass, restore, SGD."""
+def reference_step(
+    model, batches, method: str, rho: float, normalize: bool, lr: float, accumulation: int = 1, aace_options=None
+):
+    """One optimizer step written out by hand: perturb, second pass, restore, SGD (`aace_options` go to aace_loss)."""
     params = [p for p in model.parameters()]
     batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for p in params:
@@ -73,7 +75,10 @@ def reference_step(model, batches, method: str, rho: float, normalize: bool, lr:
     for pixel_values, labels in batches:
         model.train()
         logits = model(pixel_values).logits
-        loss1 = aace_loss(logits, labels) if method == "aace" else F.cross_entropy(logits, labels)
+        if method == "aace":
+            loss1 = aace_loss(logits, labels, **(aace_options or {}))
+        else:
+            loss1 = F.cross_entropy(logits, labels)
         grads = torch.autograd.grad(loss1, params)
         with torch.no_grad():
             if method == "asam":
@@ -193,18 +198,54 @@ def test_works_with_transformers_resnet_and_models_without_batchnorm(tmp_path):
         )
 
 
+class WeightsAtStepBegin(TrainerCallback):
+    """Keeps a copy of the model's state at the start of every optimizer step."""
+
+    def __init__(self):
+        self.states = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.states.append({name: value.detach().clone() for name, value in model.state_dict().items()})
+
+
+def micro_batch_metrics(model, pixel_values, labels, rho: float = 0.2) -> dict[str, float]:
+    """The perturbation metrics of one micro-batch at the model's weights, computed without the trainer (AACE, rho)."""
+    model.train()
+    logits = model(pixel_values).logits
+    loss = aace_loss(logits, labels)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    grad_norm = torch.sqrt(sum((g**2).sum() for g in grads)).item()
+    return {
+        "perturbation_loss": loss.item(),
+        "perturbation_grad_norm": grad_norm,
+        "perturbation_norm": rho * grad_norm,  # unnormalised AACE: ||e|| = rho ||g||
+        "clean_loss": F.cross_entropy(logits, labels).item(),
+        "clean_accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+    }
+
+
 def test_metrics_are_logged_as_interval_averages(tmp_path):
-    model = tiny_wrn()
-    trainer = AACETrainer(
-        model=model, args=make_args(tmp_path, max_steps=4, logging_steps=2), train_dataset=make_dataset()
+    # Each logged value averages 2 logging steps x 2 accumulated micro-batches, each computed here on its own.
+    dataset = make_dataset()
+    recorder = WeightsAtStepBegin()
+    args = make_args(
+        tmp_path, max_steps=4, logging_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2
     )
+    trainer = AACETrainer(model=tiny_wrn(), args=args, train_dataset=dataset, callbacks=[recorder])
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logged) == 2
-    for entry in logged:
-        # Unnormalised AACE: ||e|| = rho * ||g|| for every micro-batch, so their averages obey the same relation.
-        assert entry["perturbation_norm"] == pytest.approx(0.2 * entry["perturbation_grad_norm"], rel=1e-4)
-        assert entry["perturbation_loss"] > 0 and entry["clean_loss"] > 0
+    assert len(logged) == 2 and len(recorder.states) == 4
+    probe = tiny_wrn()
+    for index, entry in enumerate(logged):
+        values = []
+        for step in (2 * index, 2 * index + 1):
+            probe.load_state_dict(recorder.states[step])
+            for micro_batch in (2 * step, 2 * step + 1):
+                rows = slice(4 * micro_batch, 4 * micro_batch + 4)
+                values.append(micro_batch_metrics(probe, dataset.pixel_values[rows], dataset.labels[rows]))
+        for name in values[0]:
+            expected = sum(v[name] for v in values) / len(values)
+            assert entry[name] == pytest.approx(expected, rel=1e-4, abs=1e-6), (index, name)
         assert "skipped_perturbations" not in entry
 
 
@@ -286,6 +327,7 @@ def test_torch_compile_recompiles_at_most_once(tmp_path):
         ({"aace_threshold": 1.5}, r"--aace_threshold must lie in \[0, 1\]"),
         ({"aace_mode": "const"}, "--aace_mode must be one of adaptive, uniform, random"),
         ({"lr_milestones": [0.6, 0.3]}, "--lr_milestones must be increasing fractions"),
+        ({"fp16": True}, "--fp16 needs a GPU"),
     ],
 )
 def test_bad_arguments_raise_value_error(tmp_path, overrides, message):
@@ -335,7 +377,8 @@ def test_paper_schedule_and_weight_decay_on_all_parameters(tmp_path):
     assert sum(len(g["params"]) for g in decayed) == len(list(model.parameters()))
 
 
-def test_two_processes_perturb_independently_and_stay_identical(tmp_path):
+def launch_ddp_train(output_dir: Path, *flags: str) -> list[dict]:
+    """Runs tests/ddp_train.py on two CPU processes (gloo) and returns each rank's record."""
     script = ROOT / "tests" / "ddp_train.py"
     command = [
         sys.executable,
@@ -351,16 +394,29 @@ def test_two_processes_perturb_independently_and_stay_identical(tmp_path):
         "--dynamo_backend",
         "no",
         str(script),
-        str(tmp_path),
+        str(output_dir),
+        *flags,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    return [json.loads((output_dir / f"rank{i}.json").read_text()) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory) -> list[dict]:
+    return launch_ddp_train(tmp_path_factory.mktemp("ddp"))
+
+
+def test_two_processes_perturb_independently_and_stay_identical(ddp_ranks):
+    ranks = ddp_ranks
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert ranks[0]["first_grad_norm"] != ranks[1]["first_grad_norm"]
     assert ranks[0]["weights"] == ranks[1]["weights"]
     losses = ranks[0]["losses"]
     assert sum(losses[-4:]) < sum(losses[:4])
+    # Every process draws its own augmentations, from the stream seeded with seed + process index.
+    assert ranks[0]["first_augmentation"] != ranks[1]["first_augmentation"]
+    assert all(rank["first_augmentation"] == rank["expected_augmentation"] for rank in ranks)
 
 
 def test_overflowing_fp16_first_pass_skips_the_perturbation_and_is_counted(tmp_path):
@@ -455,3 +511,36 @@ def test_model_card_names_the_method_the_trainer_used(tmp_path):
     trainer.create_model_card(metrics={"test_accuracy": 0.5})
     card = " ".join((tmp_path / "README.md").read_text().split())
     assert "with ASAM (rho 0.5, normalized True) using hf_aace" in card and '"sam_method": "asam"' in card
+
+
+@pytest.mark.parametrize(("threshold", "mode"), [(0.3, "adaptive"), (0.0, "uniform")])
+def test_aace_threshold_and_mode_set_the_perturbation(tmp_path, threshold, mode):
+    dataset = make_dataset()
+    model, expected = tiny_wrn(), tiny_wrn()
+    args = make_args(tmp_path, aace_threshold=threshold, aace_mode=mode)
+    trainer = AACETrainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    batch = (dataset.pixel_values[:8], dataset.labels[:8])
+    logits = tiny_wrn().train()(batch[0]).logits
+    value = aace_loss(logits, batch[1], threshold=threshold, mode=mode).item()
+    assert value != pytest.approx(aace_loss(logits, batch[1]).item(), rel=1e-2)  # the options matter here
+    (entry,) = [e for e in trainer.state.log_history if "perturbation_loss" in e]
+    assert entry["perturbation_loss"] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    reference_step(expected, [batch], "aace", 0.2, False, lr=0.1, aace_options={"threshold": threshold, "mode": mode})
+    assert_state_close(model, expected)
+
+
+def test_ddp_static_graph_trains_exactly_like_the_default_graph(tmp_path, ddp_ranks):
+    ranks = launch_ddp_train(tmp_path, "--static_graph")
+    assert ranks[0]["first_grad_norm"] != ranks[1]["first_grad_norm"]
+    assert ranks[0]["weights"] == ranks[1]["weights"] == ddp_ranks[0]["weights"]
+    assert ranks[0]["losses"] == ddp_ranks[0]["losses"]
+
+
+def test_static_graph_with_reentrant_checkpointing_is_refused_at_construction(tmp_path):
+    args = make_args(
+        tmp_path, ddp_static_graph=True, activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": True},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="cannot combine ddp_static_graph with reentrant gradient checkpointing"):
+        AACETrainer(model=tiny_wrn(), args=args, train_dataset=make_dataset())
