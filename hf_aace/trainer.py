@@ -184,6 +184,8 @@ class AACETrainer(Trainer):
             loss, outputs = self.compute_loss(
                 model, {**inputs}, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
+        if self.args.n_gpu > 1:
+            loss = loss.mean()  # DataParallel returns one loss per GPU, as in Trainer.training_step
         # Losses normalised over the whole accumulated batch are a fraction of a step's loss; the logs show them at
         # the scale of the logged `loss` (the Trainer's own rule).
         steps = self.current_gradient_accumulation_steps
