@@ -83,6 +83,8 @@ def test_run_writes_a_complete_publishable_model(trained_run):
     assert measured["type"] == "accuracy" and measured["value"] == pytest.approx(results["test_accuracy"])
     assert "trust_remote_code=True" in card and "Ratchatorn" in card and '"rho": 0.2' in card
     assert "AACE-SAM" in card
+    for plot in ("accuracy", "losses", "perturbation"):  # the card shows the uploaded training curves
+        assert f"![{plot}](plots/{plot}.png)" in card and (output / "plots" / f"{plot}.png").is_file()
 
 
 def test_logged_metrics_include_the_perturbation(trained_run):
