@@ -120,6 +120,7 @@ def build_model_card(
     task = _as_list(tasks)[0] if tasks else pipeline_task(base)
     architecture = architecture_name(config)
     datasets = _as_list(dataset) or ([dataset_id] if dataset_id else [])
+    first_dataset = datasets[0] if datasets else None
     # Only Hub ids belong in the metadata ("owner/name"); other sources are named in the text.
     hub_datasets = [d for d in datasets if "/" in d and " " not in d]
     base_model = finetuned_from
@@ -129,8 +130,8 @@ def build_model_card(
         EvalResult(
             task_type=task or "image-classification",
             task_name=TASK_TAG_TO_NAME_MAPPING.get(task, task or "Classification"),
-            dataset_type=datasets[0] if datasets else "unknown",
-            dataset_name=dataset_name or (datasets[0] if datasets else "unknown"),
+            dataset_type=first_dataset or "unknown",
+            dataset_name=dataset_name or first_dataset or "unknown",
             dataset_split=test_split,
             dataset_args=_as_list(dataset_args)[0] if dataset_args else None,
             metric_type=metric,
@@ -161,9 +162,7 @@ def build_model_card(
     results = f"| metric | value |\n|---|---|\n{rows}" if rows else "No evaluation results were recorded."
     curves = "\n".join(f"![{os.path.splitext(os.path.basename(p))[0]}]({p})" for p in plots)
     curves_section = f"\n## Training curves\n\n{curves}\n" if curves else ""
-    dataset_label = (
-        f"{dataset_name} ({datasets[0]})" if dataset_name and datasets else (datasets[0] if datasets else None)
-    )
+    dataset_label = f"{dataset_name} ({first_dataset})" if dataset_name and first_dataset else first_dataset
     if own:
         what = f"{architecture} image classifier"
     elif task in TASK_TAG_TO_NAME_MAPPING:

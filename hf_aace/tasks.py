@@ -15,6 +15,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
+from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .losses import aace_loss_unchecked
 
@@ -43,6 +46,19 @@ def output_logits(outputs: Any, has_loss: bool) -> torch.Tensor:
         "as `logits` in a ModelOutput or dict, or as the first element of a tuple after the loss, or use "
         "--sam_method sam/asam, which work with any loss."
     )
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether the model's loss shifts its labels by one position, as transformers' causal language models do.
+
+    Not only the Trainer's `loss_type` test: GPT-2's `loss_type` is None, yet its loss shifts.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    if type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return True
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
 
 
 def detect_task(

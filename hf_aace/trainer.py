@@ -7,8 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
@@ -25,6 +23,7 @@ from .tasks import (
     check_multi_hot,
     count_targets,
     detect_task,
+    is_causal_lm,
     output_logits,
     single_label_accuracy,
 )
@@ -412,16 +411,3 @@ class AACETrainer(Trainer):
             self.augmentation.load_state_dict(torch.load(path, weights_only=True))
         else:
             logger.warning(f"No augmentation state in {checkpoint}: the augmentation stream restarts from its seed.")
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """Whether the model's loss shifts its labels by one position, as transformers' causal language models do.
-
-    Not only the Trainer's `loss_type` test: GPT-2's `loss_type` is None, yet its loss shifts.
-    """
-    config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        return False
-    if type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        return True
-    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss

@@ -31,6 +31,8 @@ from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from hf_aace import AACETrainer, AACETrainingArguments, aace_loss
 from hf_aace.methods import METHODS
 
+from test_trainer import make_args as trainer_test_args
+
 VOCAB, LABELS, BATCH, LENGTH = 24, 3, 4, 6
 
 
@@ -144,13 +146,8 @@ def build(name: str, n: int = 8):
 
 
 def make_args(tmp_path, **overrides) -> AACETrainingArguments:
-    settings = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, learning_rate=0.1, optim="sgd", weight_decay=0.0,
-        max_grad_norm=0.0, lr_scheduler_type="constant", max_steps=1, train_sampling_strategy="sequential",
-        report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
-    )  # fmt: skip
-    settings.update(overrides)
-    return AACETrainingArguments(**settings)
+    """The settings of tests/test_trainer.py (one SGD step, no clipping, sequential batches) with batches of 4."""
+    return trainer_test_args(tmp_path, **{"per_device_train_batch_size": BATCH, **overrides})
 
 
 def _accepts_loss_kwargs(model) -> bool:
