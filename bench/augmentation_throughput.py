@@ -2,10 +2,10 @@
 
 (a) `hf_aace.data.BatchAugmentation` (crop with padding 4, flip, normalise, Cutout 16) on a uint8 batch already in
     memory (or on the GPU), producing the normalised float32 batch.
-(b) The reference chain per image, as torchvision's CIFAR dataset and transforms run it in a DataLoader worker, written
-    here with PIL and torch only: `Image.fromarray` of the stored HWC array, zero padding by 4 and a random 32x32 crop,
-    horizontal flip with p=0.5, to-tensor (/255), normalise, Cutout 16 with p=0.5 (davda54/sam's), then the
-    collation `torch.stack` into a batch.
+(b) The reference chain per image, as torchvision's CIFAR dataset and transforms run it in a DataLoader worker
+    (`common.paper_transform`, written with PIL and torch because torchvision does not import beside the CPU torch):
+    `Image.fromarray` of the stored HWC array, zero padding by 4 and a random 32x32 crop, horizontal flip with p=0.5,
+    to-tensor (/255), normalise, Cutout 16 with p=0.5 (davda54/sam's), then the collation `torch.stack` into a batch.
 
 Both run on the same machine in one process, repetitions interleaved; the script prints the machine, versions, date,
 each repetition's images/s, the medians and their ratio.
@@ -16,59 +16,22 @@ Usage:
 """
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
-import sys
 import time
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 
 from hf_aace.data import BatchAugmentation
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # step_cost.py next to this file, however run
-from step_cost import cpu_model  # noqa: E402
+from common import machine_header, paper_transform
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 PADDING = 4
 CUTOUT = 16
-
-
-def reference_transform(array: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """One image through the per-image chain (b), step by step as torchvision's PIL code paths run it."""
-    image = PIL.Image.fromarray(array)  # torchvision.datasets.CIFAR10.__getitem__
-    # RandomCrop(32, padding=4): F.pad (ImageOps.expand for constant padding), get_params, F.crop.
-    image = PIL.ImageOps.expand(image, border=PADDING, fill=0)
-    width, height = image.size
-    top = int(torch.randint(0, height - 32 + 1, size=(1,)).item())
-    left = int(torch.randint(0, width - 32 + 1, size=(1,)).item())
-    image = image.crop((left, top, left + 32, top + 32))
-    # RandomHorizontalFlip(): F.hflip.
-    if torch.rand(1) < 0.5:
-        image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-    # ToTensor(): F.to_tensor.
-    tensor = torch.from_numpy(np.array(image, np.uint8, copy=True))
-    tensor = tensor.view(image.size[1], image.size[0], len(image.getbands())).permute((2, 0, 1)).contiguous()
-    tensor = tensor.to(dtype=torch.get_default_dtype()).div(255)
-    # Normalize(mean, std): F.normalize, not in place.
-    tensor = tensor.clone()
-    mean = torch.as_tensor(mean, dtype=tensor.dtype, device=tensor.device)
-    std = torch.as_tensor(std, dtype=tensor.dtype, device=tensor.device)
-    if (std == 0).any():
-        raise ValueError("std evaluated to zero")
-    tensor = tensor.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
-    # Cutout(size=16, p=0.5) as in davda54/sam's utility.
-    if torch.rand([1]).item() <= 0.5:
-        half = CUTOUT // 2
-        row = int(torch.randint(-half, tensor.size(1) - half, [1]).item())
-        col = int(torch.randint(-half, tensor.size(2) - half, [1]).item())
-        tensor[:, max(0, row) : min(tensor.size(1), row + CUTOUT), max(0, col) : min(tensor.size(2), col + CUTOUT)] = 0
-    return tensor
 
 
 def time_batched(augmentation: BatchAugmentation, batches: list[torch.Tensor], iterations: int) -> float:
@@ -82,11 +45,13 @@ def time_batched(augmentation: BatchAugmentation, batches: list[torch.Tensor], i
 
 
 def time_reference(arrays: list[np.ndarray], batch_size: int, iterations: int) -> float:
-    mean, std = torch.tensor(MEAN), torch.tensor(STD)
+    """Images/s of (b): `Image.fromarray` of each stored HWC array (as torchvision's CIFAR10.__getitem__), the
+    per-image chain, and the collation `torch.stack`."""
+    transform = paper_transform(32, PADDING, CUTOUT, torch.tensor(MEAN), torch.tensor(STD))
     start = time.perf_counter()
     for i in range(iterations):
         offset = (i * batch_size) % len(arrays)
-        torch.stack([reference_transform(array, mean, std) for array in arrays[offset : offset + batch_size]])
+        torch.stack([transform(PIL.Image.fromarray(array)) for array in arrays[offset : offset + batch_size]])
     return iterations * batch_size / (time.perf_counter() - start)
 
 
@@ -110,15 +75,7 @@ def main() -> None:
     augmentation = BatchAugmentation(MEAN, STD, crop_padding=PADDING, flip=True, cutout_size=CUTOUT, seed=0)
     torch.manual_seed(0)
 
-    print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
-    print(f"machine: {cpu_model()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
-    print(f"load average (1, 5, 15 min) at start: {load}")
-    if device.type == "cuda":
-        print(f"device: {torch.cuda.get_device_name(device)}")
-    print(
-        f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, PIL {PIL.__version__}"
-    )
+    print("\n".join(machine_header(device.type)))
     print(
         f"batch {args.batch_size} of 3x32x32 uint8 on {device}; (a) {args.iterations} batches, "
         f"(b) {args.reference_iterations} batches per repetition; {args.repeats} interleaved repetitions"

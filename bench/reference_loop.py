@@ -4,16 +4,16 @@ Both contenders train the same architecture on the same uint8 images with the sa
 settings (rho 0.2, unnormalised, threshold 0, adaptive), data pipeline included:
 
 reference
-    A stand-alone re-implementation of the loop of the paper's repository (T-Ratchatorn/AACE, train.py and sam.py),
-    as PAPER.md describes it. A `torch.utils.data.DataLoader` (shuffle, `--num_workers` worker processes, no pinned
-    memory, workers restarted every epoch) over a dataset that turns each stored HWC uint8 array into a PIL image and
-    runs the per-image chain RandomCrop(32, padding=4, zero fill), RandomHorizontalFlip, ToTensor, Normalize,
-    Cutout(16, p=0.5, after normalising), written here with PIL and torch (no torchvision). Each step: BatchNorm
-    momentum restored; forward; cross-entropy summed for the log (`.item()`); mean AACE loss (`hf_aace.aace_loss`),
-    backward; `first_step` (gradient norm, a fresh copy of every weight, e = rho * g, w <- w - e, the norm of e read
-    back with `.item()`, zero_grad); BatchNorm momentum 0; forward; cross-entropy; backward; `second_step` (weights
-    reassigned from the copies, base SGD step, zero_grad); accuracy and loss to the host for the log; learning-rate
-    schedule call.
+    A stand-alone re-implementation of the loop of the paper's repository (T-Ratchatorn/AACE, train.py and sam.py).
+    A `torch.utils.data.DataLoader` (shuffle, `--num_workers` worker processes, no pinned memory, workers restarted
+    every epoch) over a dataset that turns each stored HWC uint8 array into a PIL image and runs the per-image chain
+    RandomCrop(32, padding=4, zero fill), RandomHorizontalFlip, ToTensor, Normalize, Cutout(16, p=0.5, after
+    normalising): `common.paper_transform`, torchvision's code paths written with PIL and torch, because torchvision
+    does not import beside the CPU torch (see there). Each step: BatchNorm momentum restored; forward; cross-entropy
+    summed for the log (`.item()`); mean AACE loss (`hf_aace.aace_loss`), backward; `first_step` (gradient norm, a
+    fresh copy of every weight, e = rho * g, w <- w - e, the norm of e read back with `.item()`, zero_grad); BatchNorm
+    momentum 0; forward; cross-entropy; backward; `second_step` (weights reassigned from the copies, base SGD step,
+    zero_grad); accuracy and loss to the host for the log; learning-rate schedule call.
 trainer, trainer_bf16
     scripts/train.py's path: `AACETrainer` over `hf_aace.data.ImageClassificationSplit` (uint8 items, the Trainer's
     default loader: no workers) with `hf_aace.data.BatchAugmentation` (crop padding 4, flip, Cutout 16) on the
@@ -28,21 +28,19 @@ and each contender's speed relative to the reference (reference median / contend
 Usage:
     python bench/reference_loop.py [--model wrn-16-4] [--batch_size 128] [--num_images 5000] [--steps 4]
         [--warmup 1] [--repeats 3] [--num_workers 2] [--variants reference trainer] [--device cpu|cuda]
+        [--output_md PATH] [--output_json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,11 +49,11 @@ from transformers.trainer_callback import PrinterCallback
 from hf_aace import AACETrainer, aace_loss
 from hf_aace.data import BatchAugmentation, ImageClassificationSplit
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # step_cost.py next to this file, however run
-from step_cost import (  # noqa: E402
-    MODEL_PATTERN,
+from common import (
     StepTimer,
-    build_model,
+    build_hf_aace_model,
+    paper_transform,
+    resolve_hf_aace_model,
     run_and_report,
     synchronize,
     training_arguments,
@@ -67,79 +65,6 @@ PADDING = 4
 CUTOUT_SIZE = 16
 MILESTONES = (0.3, 0.6, 0.8)
 PAPER_EPOCHS = 200
-
-
-# ---- The per-image transform chain, as torchvision's PIL code paths and davda54/sam's Cutout run it ----
-
-
-class RandomCrop:
-    """Zero-pad the PIL image by `padding` on every side, then crop `size` x `size` at a uniformly random corner."""
-
-    def __init__(self, size: int, padding: int):
-        self.size, self.padding = size, padding
-
-    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
-        image = PIL.ImageOps.expand(image, border=self.padding, fill=0)
-        width, height = image.size
-        top = int(torch.randint(0, height - self.size + 1, size=(1,)).item())
-        left = int(torch.randint(0, width - self.size + 1, size=(1,)).item())
-        return image.crop((left, top, left + self.size, top + self.size))
-
-
-class RandomHorizontalFlip:
-    """Mirror the PIL image with probability 0.5."""
-
-    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
-        if torch.rand(1) < 0.5:
-            return image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        return image
-
-
-class ToTensor:
-    """PIL image to a CHW float tensor in [0, 1]."""
-
-    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
-        array = torch.from_numpy(np.array(image, np.uint8, copy=True))
-        array = array.view(image.size[1], image.size[0], len(image.getbands())).permute(2, 0, 1).contiguous()
-        return array.to(torch.float32).div(255)
-
-
-class Normalize:
-    """(x - mean) / std per channel, on a copy."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
-        self.mean, self.std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.clone().sub_(self.mean).div_(self.std)
-
-
-class Cutout:
-    """With probability p, zero a size x size square whose centre is uniform over the image (clipped at borders)."""
-
-    def __init__(self, size: int = 16, p: float = 0.5):
-        self.size, self.p = size, p
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        if torch.rand([1]).item() > self.p:
-            return tensor
-        half = self.size // 2
-        top = int(torch.randint(-half, tensor.size(1) - half, [1]).item())
-        left = int(torch.randint(-half, tensor.size(2) - half, [1]).item())
-        tensor[
-            :, max(0, top) : min(tensor.size(1), top + self.size), max(0, left) : min(tensor.size(2), left + self.size)
-        ] = 0
-        return tensor
-
-
-class Compose:
-    def __init__(self, transforms: list):
-        self.transforms = transforms
-
-    def __call__(self, value):
-        for transform in self.transforms:
-            value = transform(value)
-        return value
 
 
 class PILImageDataset(torch.utils.data.Dataset):
@@ -296,28 +221,20 @@ def run(cli: argparse.Namespace) -> dict:
 
     contenders = {}
     if "reference" in cli.variants:
-        transform = Compose(
-            [
-                RandomCrop(cli.image_size, padding=PADDING),
-                RandomHorizontalFlip(),
-                ToTensor(),
-                Normalize(mean, std),
-                Cutout(CUTOUT_SIZE, p=0.5),
-            ]
-        )
+        transform = paper_transform(cli.image_size, PADDING, CUTOUT_SIZE, mean, std)
         dataset = PILImageDataset(images.permute(0, 2, 3, 1).contiguous().numpy(), labels.tolist(), transform)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=cli.batch_size, shuffle=True, num_workers=cli.num_workers
         )
         torch.manual_seed(0)
-        loop = ReferenceLoop(build_model(cli.model).to(cli.device), loader, cli.device)
+        loop = ReferenceLoop(build_hf_aace_model(cli.model).to(cli.device), loader, cli.device)
         contenders["reference"] = lambda: loop.run(cli.warmup + cli.steps)
 
     output_dir = tempfile.mkdtemp(prefix="hf_aace_bench_")
     trainer_variants = [v for v in cli.variants if v != "reference"]
     if trainer_variants:
         torch.manual_seed(0)
-        model = build_model(cli.model)
+        model = build_hf_aace_model(cli.model)
         train_split = ImageClassificationSplit(images, labels)
         timer = StepTimer(cli.device)
         for variant in trainer_variants:
@@ -404,7 +321,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--model", default="wrn-16-4", help="wrn-DEPTH-WIDEN or pyramidnet-DEPTH-ALPHA[-bottleneck]")
+    parser.add_argument(
+        "--model",
+        default="wrn-16-4",
+        help="an hf_aace model: wrn-DEPTH-WIDEN, pyramidnet-DEPTH-ALPHA[-bottleneck], ...",
+    )
     parser.add_argument("--variants", nargs="+", default=["reference", "trainer"], choices=VARIANTS)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--num_images", type=int, default=5000)
@@ -423,20 +344,23 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="channels_last weights and batches on the trainer path, as scripts/train.py uses by default",
     )
+    parser.add_argument("--output_json", default=None, help="also write the raw step times and results here")
     parser.add_argument("--output_md", default=None, help="also write the Markdown table here")
     cli = parser.parse_args(argv)
     on_cuda = cli.device == "cuda"
     cli.steps = cli.steps if cli.steps is not None else (40 if on_cuda else 4)
     cli.warmup = cli.warmup if cli.warmup is not None else (10 if on_cuda else 1)
     cli.num_workers = cli.num_workers if cli.num_workers is not None else (8 if on_cuda else 2)
-    # training_arguments() of step_cost reads these
+    # common.training_arguments() reads these
     cli.bf16, cli.compile = False, False
     if cli.warmup < 1 or cli.steps < 1 or cli.repeats < 1:
         parser.error("--warmup, --steps and --repeats must be >= 1 (the first step is never timed).")
     if math.ceil(cli.num_images / cli.batch_size) < 1:
         parser.error("--num_images must hold at least one batch.")
-    if MODEL_PATTERN.match(cli.model) is None:
-        parser.error(f"unknown model {cli.model!r}: use wrn-DEPTH-WIDEN or pyramidnet-DEPTH-ALPHA[-bottleneck].")
+    try:
+        resolve_hf_aace_model(cli.model)
+    except ValueError as error:
+        parser.error(str(error))
     if on_cuda and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device.")
     return cli

@@ -19,9 +19,10 @@ at that median, the ratio of the median to sgd's median, and peak memory:
 The inputs are random normalised floats (no augmentation): this measures the optimizer step, not the data pipeline
 (bench/reference_loop.py measures end to end).
 
-Models: hf_aace's `wrn-DEPTH-WIDEN` and `pyramidnet-DEPTH-ALPHA[-bottleneck]` on 32x32 images, and two transformers
-models from random-init configs: `vit-tiny` (ViT-Ti/4 on 32x32 images: hidden 192, 12 layers, 3 heads) and `bert-tiny`
-(hidden 128, 2 layers, 2 heads, 30,522-token vocabulary, 128-token sequences, 2 classes).
+Models: hf_aace's (`wrn-DEPTH-WIDEN`, `pyramidnet-DEPTH-ALPHA[-bottleneck]`, named sizes such as `pyramidnet-272`, as
+`hf_aace.models.architectures.resolve_model` reads them) on 32x32 images, and two transformers models from random-init
+configs: `vit-tiny` (ViT-Ti/4 on 32x32 images: hidden 192, 12 layers, 3 heads) and `bert-tiny` (hidden 128, 2 layers,
+2 heads, 30,522-token vocabulary, 128-token sequences, 2 classes).
 
 Usage:
     python bench/step_cost.py [--models wrn-16-4 pyramidnet-20-48 vit-tiny bert-tiny] [--batch_size 128]
@@ -33,39 +34,24 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
-import os
-import platform
-import re
 import statistics
-import sys
 import tempfile
-import time
-import warnings
 
 import torch
-import transformers
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    TrainerCallback,
-    ViTConfig,
-    ViTForImageClassification,
-)
+from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 from transformers.trainer_callback import PrinterCallback
 
-import hf_aace
-from hf_aace import (
-    AACETrainer,
-    AACETrainingArguments,
-    PyramidNetConfig,
-    PyramidNetForImageClassification,
-    WideResNetConfig,
-    WideResNetForImageClassification,
-)
+from hf_aace import AACETrainer
 from hf_aace.methods import METHODS
 
-MODEL_PATTERN = re.compile(r"^(wrn)-(\d+)-(\d+)$|^(pyramidnet)-(\d+)-(\d+)(-bottleneck)?$")
+from common import (
+    StepTimer,
+    build_hf_aace_model,
+    resolve_hf_aace_model,
+    run_and_report,
+    training_arguments,
+)
+
 TEXT_LENGTH = 128
 TRANSFORMERS_MODELS = {
     "vit-tiny": lambda: ViTForImageClassification(
@@ -85,80 +71,11 @@ TRANSFORMERS_MODELS = {
 }
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (else what platform reports)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_header(device: str) -> list[str]:
-    """Markdown lines recording date, machine and versions, as every benchmark result must."""
-    lines = [
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}",
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores visible, torch threads {torch.get_num_threads()}",
-    ]
-    try:
-        load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
-        lines.append(f"- load average at start (1, 5, 15 min): {load}")
-    except OSError:
-        pass
-    if device == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
-    lines.append(
-        f"- versions: Python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, hf_aace {hf_aace.__version__}"
-    )
-    return lines
-
-
 def build_model(spec: str, num_labels: int = 10) -> torch.nn.Module:
-    """A fresh model from a short name: `wrn-DEPTH-WIDEN`, `pyramidnet-DEPTH-ALPHA[-bottleneck]` or a
-    `TRANSFORMERS_MODELS` key."""
+    """A fresh model from a short name: an hf_aace model name or a `TRANSFORMERS_MODELS` key."""
     if spec in TRANSFORMERS_MODELS:
         return TRANSFORMERS_MODELS[spec]()
-    match = MODEL_PATTERN.match(spec)
-    if match is None:
-        raise ValueError(
-            f"Unknown model {spec!r}; use wrn-DEPTH-WIDEN (e.g. wrn-16-4, wrn-28-10) or pyramidnet-DEPTH-ALPHA "
-            "[-bottleneck] (e.g. pyramidnet-20-48, pyramidnet-272-200)."
-        )
-    if match.group(1):
-        config = WideResNetConfig(depth=int(match.group(2)), widen_factor=int(match.group(3)), num_labels=num_labels)
-        return WideResNetForImageClassification(config)
-    config = PyramidNetConfig(
-        depth=int(match.group(5)), alpha=int(match.group(6)), bottleneck=bool(match.group(7)), num_labels=num_labels
-    )
-    return PyramidNetForImageClassification(config)
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-class StepTimer(TrainerCallback):
-    """Stamps the clock at the end of every optimizer step of a `train()` call."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.stamps: list[float] = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.stamps = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        synchronize(self.device)
-        self.stamps.append(time.perf_counter())
-
-    def step_times(self, warmup: int) -> list[float]:
-        """Durations of the steps after the first `warmup` (warmup >= 1: the first step has no start stamp)."""
-        return [later - earlier for earlier, later in zip(self.stamps[warmup - 1 :], self.stamps[warmup:])]
+    return build_hf_aace_model(spec, num_labels)
 
 
 class PeakMemory:
@@ -239,36 +156,6 @@ def fixed_batch(spec: str, cli: argparse.Namespace, length: int) -> FixedBatch:
             "labels": torch.randint(0, 10, (cli.batch_size,), generator=generator),
         }
     return FixedBatch(inputs, length)
-
-
-def training_arguments(method: str, output_dir: str, cli: argparse.Namespace, max_steps: int, **overrides):
-    """The paper's optimizer settings (SGD momentum 0.9, lr 0.1, weight decay 5e-4 on all parameters, no clipping)."""
-    values = {
-        "output_dir": output_dir,
-        "sam_method": method,
-        "per_device_train_batch_size": cli.batch_size,
-        "max_steps": max_steps,
-        "learning_rate": 0.1,
-        "optim": "sgd",
-        "optim_args": "momentum=0.9",
-        "weight_decay": 5e-4,
-        "weight_decay_all_parameters": True,
-        "max_grad_norm": 0.0,
-        "lr_scheduler_type": "constant",
-        "logging_strategy": "no",
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "report_to": "none",
-        "disable_tqdm": True,
-        "remove_unused_columns": False,
-        "dataloader_num_workers": 0,
-        "use_cpu": cli.device == "cpu",
-        "bf16": cli.bf16,
-        "torch_compile": cli.compile,
-        "seed": 42,
-    }
-    values.update(overrides)
-    return AACETrainingArguments(**values)
 
 
 def median_or_none(values: list[float]) -> float | None:
@@ -397,28 +284,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     if on_cuda and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device.")
     for spec in cli.models:
-        if MODEL_PATTERN.match(spec) is None and spec not in TRANSFORMERS_MODELS:
-            parser.error(
-                f"unknown model {spec!r}: use wrn-DEPTH-WIDEN, pyramidnet-DEPTH-ALPHA[-bottleneck] or one of "
-                f"{', '.join(TRANSFORMERS_MODELS)}."
-            )
+        if spec not in TRANSFORMERS_MODELS:
+            try:
+                resolve_hf_aace_model(spec)
+            except ValueError as error:
+                parser.error(f"{error} Or one of {', '.join(TRANSFORMERS_MODELS)}.")
     return cli
-
-
-def run_and_report(cli: argparse.Namespace, run_fn, markdown_fn) -> None:
-    """Runs a benchmark quietly, then prints its Markdown table (and writes it to `--output_md`)."""
-    if cli.threads:
-        torch.set_num_threads(cli.threads)
-    transformers.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    header = machine_header(cli.device)
-    results = run_fn(cli)
-    table = markdown_fn(cli, results, header, " ".join(["python", *sys.argv]))
-    print()
-    print(table)
-    if cli.output_md:
-        with open(cli.output_md, "w") as file:
-            file.write(table)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Model cards for models trained with hf_aace: Hub metadata, architecture, exact arguments, measured results."""
+"""Model cards of models trained with hf_aace and of checkpoints converted from the AACE paper's code."""
 
 import json
 import os
@@ -7,11 +7,13 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modelcard import TASK_MAPPING, TASK_TAG_TO_NAME_MAPPING
 from transformers.trainer_utils import unwrap_peft_model
 
 from .methods import METHODS
+from .models.architectures import OWN_MODEL_TYPES, architecture_for
+from .models.conversion_utils import reference_preset
 
 CITATION = """@inproceedings{ratchatorn2024aace,
   title     = {Adaptive Adversarial Cross-Entropy Loss for Sharpness-Aware Minimization},
@@ -22,7 +24,6 @@ CITATION = """@inproceedings{ratchatorn2024aace,
   doi       = {10.1109/ICIP51287.2024.10647582}
 }"""
 
-OWN_MODEL_TYPES = ("aace_wide_resnet", "aace_pyramidnet")
 PROCESSOR_FILES = (  # what `save_pretrained` writes, and the Auto class that loads it
     ("processor_config.json", "AutoProcessor"),
     ("preprocessor_config.json", "AutoImageProcessor"),
@@ -41,12 +42,9 @@ AUTO_MODEL_CLASSES = {
 
 
 def architecture_name(config: PretrainedConfig) -> str:
-    """A short name such as "WRN-28-10" or "PyramidNet-272 (alpha 200, basic)"."""
-    if config.model_type == "aace_wide_resnet":
-        return f"WRN-{config.depth}-{config.widen_factor}"
-    if config.model_type == "aace_pyramidnet":
-        return f"PyramidNet-{config.depth} (alpha {config.alpha}, {'bottleneck' if config.bottleneck else 'basic'})"
-    return type(config).__name__.removesuffix("Config")
+    """A readable name such as "WRN-28-10" or "PyramidNet-272 (alpha 200, basic)"; the class name for other models."""
+    architecture = architecture_for(config)
+    return architecture.display_name(config) if architecture else type(config).__name__.removesuffix("Config")
 
 
 def pipeline_task(model: nn.Module) -> str | None:
@@ -205,6 +203,72 @@ Measured at the end of this run (`{test_split}` split for test metrics):
 
 ```json
 {arguments}
+```
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+
+
+def build_conversion_card(model: PreTrainedModel, dataset: str, source: str, repo_id: str | None = None) -> ModelCard:
+    """Builds the model card of a checkpoint of the AACE paper's code converted by `convert_reference_checkpoint`.
+
+    Args:
+        model: the converted model.
+        dataset: the dataset it was converted for (a convertible preset or an alias).
+        source: where the original checkpoint came from (its file name or URL), as given by the user.
+        repo_id: the Hub id the model is pushed to, used in the usage snippet; None uses a local path.
+
+    Returns:
+        A `huggingface_hub.ModelCard`; `.save(path)` or `.push_to_hub(repo_id)` it.
+    """
+    preset = reference_preset(dataset)
+    config = model.config
+    architecture = architecture_name(config)
+    pooling = f"AvgPool2d({config.pooling_size})" if config.pooling_size else "global average pooling"
+    height, width = preset.image_size
+    location = repo_id or "path/to/this/folder"
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=["hf_aace", "aace", "sharpness-aware-minimization", "converted"],
+        datasets=[preset.hub_id],
+    )
+    body = f"""
+# {architecture} on {preset.name}, converted from the AACE paper's code
+
+Converted, not retrained: these are the weights of the checkpoint `{source}`, written by the reproduction code of
+Ratchatorn & Tanaka, "Adaptive Adversarial Cross-Entropy Loss for Sharpness-Aware Minimization" (ICIP 2024,
+[arXiv 2406.14329](https://arxiv.org/abs/2406.14329), code: https://github.com/T-Ratchatorn/AACE). Each tensor was
+renamed into hf_aace's `{type(model).__name__}` and loaded strictly;
+no value was changed. The conversion does not tell how the checkpoint was trained (SGD, SAM or AACE) nor how
+accurate it is: evaluate it before relying on it.
+
+## Architecture
+
+- {architecture}, {config.num_labels} classes, {config.num_channels} input channel(s), {pooling}
+  before the classifier, as the paper's code builds it for {preset.name}.
+- Input: {height}x{width} images.
+
+## Preprocessing
+
+The saved `AACEImageProcessor` converts images to {config.num_channels} channel(s),
+{"zero-pads them to a centred square, " if preset.pad_to_square else ""}resizes them to {height}x{width}, scales
+them to [0, 1] and normalises them with mean {list(preset.reference_mean)} and std {list(preset.reference_std)}:
+{preset.normalization_source}.
+
+## Usage
+
+```python
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+processor = AutoImageProcessor.from_pretrained("{location}", trust_remote_code=True)
+model = AutoModelForImageClassification.from_pretrained("{location}", trust_remote_code=True)
+logits = model(**processor(image, return_tensors="pt")).logits
 ```
 
 ## Citation

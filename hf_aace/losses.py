@@ -78,6 +78,7 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
 def aace_loss_unchecked(
     logits: torch.Tensor,
     labels: torch.Tensor,
+    *,
     threshold: float = 0.0,
     mode: Mode = "adaptive",
     reduction: Reduction = "mean",
@@ -124,12 +125,15 @@ def aace_loss_unchecked(
 def aace_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
+    *,
     threshold: float = 0.0,
-    reduction: Reduction = "mean",
     mode: Mode = "adaptive",
+    reduction: Reduction = "mean",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Adaptive Adversarial Cross-Entropy of logits against integer labels.
+
+    The options after `labels` are keyword-only, in the same order as in [`aace_loss_unchecked`].
 
     Args:
         logits: unnormalised scores of shape `(batch_size, num_classes)`; float16/bfloat16 are computed in float32.
@@ -137,9 +141,9 @@ def aace_loss(
         threshold: the most target probability the true class keeps, in [0, 1]. 0 (the paper's setting) moves all
             probability to the wrong classes. Above 0 the target sums to 1 + min(p_y, threshold), as in the paper's
             code: it is not renormalised.
-        reduction: "mean" over the batch, "sum", or "none" for one value per sample.
         mode: how the target spreads over the wrong classes: "adaptive" (in proportion to the model's
             probabilities), "uniform" or "random" (weights drawn from U(0, 1] on every call).
+        reduction: "mean" over the batch, "sum", or "none" for one value per sample.
         generator: random generator for mode "random".
 
     Returns:
@@ -155,21 +159,23 @@ def aace_loss(
     ```
     """
     _check_arguments(logits, labels, threshold, mode, reduction)
-    return aace_loss_unchecked(logits, labels, threshold, mode, reduction, generator)
+    return aace_loss_unchecked(
+        logits, labels, threshold=threshold, mode=mode, reduction=reduction, generator=generator
+    )
 
 
 class AACELoss(nn.Module):
     """Module form of [`aace_loss`]; see there for the arguments."""
 
-    def __init__(self, threshold: float = 0.0, reduction: Reduction = "mean", mode: Mode = "adaptive"):
+    def __init__(self, *, threshold: float = 0.0, mode: Mode = "adaptive", reduction: Reduction = "mean"):
         super().__init__()
         check_options(threshold, mode, reduction)
         self.threshold = threshold
-        self.reduction = reduction
         self.mode = mode
+        self.reduction = reduction
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return aace_loss(logits, labels, self.threshold, self.reduction, self.mode)
+        return aace_loss(logits, labels, threshold=self.threshold, mode=self.mode, reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return f"threshold={self.threshold}, reduction={self.reduction!r}, mode={self.mode!r}"
+        return f"threshold={self.threshold}, mode={self.mode!r}, reduction={self.reduction!r}"

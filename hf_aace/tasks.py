@@ -136,7 +136,7 @@ def aligned_aace_loss(
     if task == "multi_label":
         # Label k as a two-class problem: softmax over (0, z_k) gives sigmoid(z_k) to "on".
         pairs = torch.stack([torch.zeros_like(logits), logits], dim=-1).reshape(-1, 2)
-        return aace_loss_unchecked(pairs, labels.reshape(-1).long(), threshold, mode)
+        return aace_loss_unchecked(pairs, labels.reshape(-1).long(), threshold=threshold, mode=mode)
     if task == "causal":
         if shift_labels is not None:
             labels = shift_labels
@@ -146,7 +146,9 @@ def aligned_aace_loss(
     labels = labels.reshape(-1)
     valid = labels != IGNORE_INDEX
     # Masking instead of indexing keeps shapes static (no host sync, no recompiles under torch.compile).
-    per_item = aace_loss_unchecked(logits, labels.masked_fill(~valid, 0), threshold, mode, reduction="none")
+    per_item = aace_loss_unchecked(
+        logits, labels.masked_fill(~valid, 0), threshold=threshold, mode=mode, reduction="none"
+    )
     total = torch.where(valid, per_item, torch.zeros_like(per_item)).sum()
     if num_items is None:
         num_items = valid.sum().clamp(min=1)

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import unwrap_peft_model
-from transformers.utils import logging
 
 from .divergence import DivergenceCallback
 from .hub import build_model_card, saved_processor_class
+from .image_batches import ImageBatchMixin
 from .perturbation import (
     WeightPerturbation,
     frozen_batchnorm_statistics,
@@ -29,13 +29,10 @@ from .tasks import (
 )
 from .training_args import AACETrainingArguments
 
-logger = logging.get_logger(__name__)
-
-AUGMENTATION_STATE_NAME = "augmentation_state_{}.pth"
 METRIC_NAMES = ("perturbation_loss", "perturbation_grad_norm", "perturbation_norm", "clean_loss", "clean_accuracy")
 
 
-class AACETrainer(Trainer):
+class AACETrainer(ImageBatchMixin, Trainer):
     """A [`~transformers.Trainer`] whose training step is the two-pass sharpness-aware step.
 
     For each micro-batch (Ratchatorn & Tanaka 2024, Algorithm 1; Foret et al. 2021):
@@ -52,11 +49,13 @@ class AACETrainer(Trainer):
     [`~hf_aace.DivergenceCallback`] is added: non-finite weights end training with a `TrainingDivergedError` before
     they are logged or saved.
 
+    Image datasets that yield uint8 batches are handled by [`~hf_aace.image_batches.ImageBatchMixin`]: the
+    augmentation runs once per micro-batch before the first pass (both passes see the same augmented batch).
+
     Args:
-        augmentation: optional batch augmentation called on the device batch's `pixel_values` before the first pass
-            (both passes see the same augmented batch); evaluation calls its `normalize`. Its random stream is
-            seeded with `args.seed + process_index` and saved with every checkpoint. Without it, batches reach the
-            model as the data collator made them.
+        augmentation: optional batch augmentation called on the device batch's `pixel_values` before the first pass;
+            evaluation calls its `normalize`. Its random stream is seeded with `args.seed + process_index` and saved
+            with every checkpoint. Without it, batches reach the model as the data collator made them.
         *args, **kwargs: those of [`~transformers.Trainer`]; `args` must be an [`AACETrainingArguments`].
 
     Example:
@@ -69,7 +68,7 @@ class AACETrainer(Trainer):
     """
 
     def __init__(self, *args, augmentation: Any | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, augmentation=augmentation, **kwargs)
         if not isinstance(self.args, AACETrainingArguments):
             raise ValueError(
                 f"AACETrainer needs AACETrainingArguments, got {type(self.args).__name__}; "
@@ -87,13 +86,6 @@ class AACETrainer(Trainer):
                 "AACETrainer does not support DeepSpeed or FSDP yet: the perturbation needs the full parameters on "
                 "every process. Launch with DDP instead (accelerate launch --multi_gpu ...)."
             )
-        if self.args.channels_last:
-            # In place: the parameters stay the same objects, so optimizers and DDP built later see the new layout.
-            self.model.to(memory_format=torch.channels_last)
-        self.augmentation = augmentation
-        if augmentation is not None:
-            # Every process draws its own augmentations; a resumed run reloads the streams from the checkpoint.
-            augmentation.manual_seed(self.args.seed + self.args.process_index)
         if not any(isinstance(callback, DivergenceCallback) for callback in self.callback_handler.callbacks):
             # Non-finite weights stop training before they reach a log, an evaluation or a checkpoint.
             self.add_callback(DivergenceCallback())
@@ -106,10 +98,7 @@ class AACETrainer(Trainer):
     def training_step(
         self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: torch.Tensor | None = None
     ) -> torch.Tensor:
-        inputs = self._prepare_inputs(inputs)
-        if self.augmentation is not None:
-            inputs["pixel_values"] = self.augmentation(inputs["pixel_values"])
-        inputs = self._to_memory_format(inputs)
+        inputs = self.prepare_image_batch(inputs)
         method = self.args.method
         if not method.perturbs:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -308,19 +297,6 @@ class AACETrainer(Trainer):
             self._metric_sums = {}
         super().log(logs, start_time)
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        if self.augmentation is not None and inputs["pixel_values"].dtype == torch.uint8:
-            inputs = self._prepare_inputs(inputs)
-            inputs["pixel_values"] = self.augmentation.normalize(inputs["pixel_values"])
-        inputs = self._to_memory_format(inputs)
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-
-    def _to_memory_format(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        pixel_values = inputs.get("pixel_values")
-        if self.args.channels_last and isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 4:
-            inputs["pixel_values"] = pixel_values.contiguous(memory_format=torch.channels_last)
-        return inputs
-
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         if self.args.weight_decay_all_parameters:
             return [name for name, _ in model.named_parameters()]
@@ -395,19 +371,3 @@ class AACETrainer(Trainer):
             **kwargs,
         )
         card.save(os.path.join(output_dir, "README.md"))
-
-    def _save_rng_state(self, output_dir: str) -> None:
-        super()._save_rng_state(output_dir)
-        if self.augmentation is not None:
-            path = os.path.join(output_dir, AUGMENTATION_STATE_NAME.format(self.args.process_index))
-            torch.save(self.augmentation.state_dict(), path)
-
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        super()._load_rng_state(checkpoint)
-        if self.augmentation is None or checkpoint is None:
-            return
-        path = os.path.join(checkpoint, AUGMENTATION_STATE_NAME.format(self.args.process_index))
-        if os.path.isfile(path):
-            self.augmentation.load_state_dict(torch.load(path, weights_only=True))
-        else:
-            logger.warning(f"No augmentation state in {checkpoint}: the augmentation stream restarts from its seed.")

@@ -15,15 +15,21 @@ from pathlib import Path
 from huggingface_hub import create_repo, upload_folder
 from transformers import HfArgumentParser
 
-from hf_aace.convert import conversion_model_card, convert_reference_checkpoint, reference_image_processor
+from hf_aace.convert import convert_reference_checkpoint, reference_image_processor
+from hf_aace.data.presets import preset_names
+from hf_aace.hub import build_conversion_card
+from hf_aace.models import ARCHITECTURES
 
 
 @dataclass
 class ConversionArguments:
     checkpoint: str = field(metadata={"help": "The .pth/.pt state dict written by the paper's code."})
-    dataset: str = field(metadata={"help": "Dataset it was trained on: cifar10, cifar100, fashionmnist, food101."})
+    dataset: str = field(
+        metadata={"help": f"Dataset it was trained on: {', '.join(preset_names(convertible=True))} (or an alias)."}
+    )
     architecture: str | None = field(
-        default=None, metadata={"help": "wide_resnet or pyramidnet; inferred from the keys when omitted."}
+        default=None,
+        metadata={"help": f"{' or '.join(ARCHITECTURES)}; inferred from the keys when omitted."},
     )
     output_dir: str | None = field(
         default=None, metadata={"help": "Where to write the model folder; defaults to outputs/<checkpoint>-hf."}
@@ -44,12 +50,12 @@ def main() -> int:
 
     model = convert_reference_checkpoint(checkpoint, args.dataset, args.architecture)
     processor = reference_image_processor(args.dataset)
-    card = conversion_model_card(model, args.dataset, args.source_url or checkpoint.name, args.hub_model_id)
+    card = build_conversion_card(model, args.dataset, args.source_url or checkpoint.name, args.hub_model_id)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    (output_dir / "README.md").write_text(card, encoding="utf-8")
+    card.save(output_dir / "README.md")
     print(f"Saved {type(model).__name__} ({model.num_parameters():,} parameters) to {output_dir}")
 
     if args.push_to_hub:

@@ -14,31 +14,23 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from accelerate import PartialState
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
+from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser, TrainingArguments
 
-from hf_aace import AACETrainer, AACETrainingArguments
-from hf_aace.data import BatchAugmentation, load_image_classification_dataset
+from hf_aace.data import BatchAugmentation, DatasetArguments
+from hf_aace.image_batches import ImageBatchTrainer
 from hf_aace.metrics import compute_metrics, top_k_predictions
 
 
 @dataclass
 class EvaluationArguments:
     model: str = field(metadata={"help": "Local directory or Hub id of the model (with its image processor)."})
-    dataset: str = field(
-        default="digits",
-        metadata={"help": "cifar10, cifar100, fashion_mnist, food101, digits, a Hub dataset id or a local directory."},
-    )
-    dataset_source: str | None = field(default=None, metadata={"help": "Load a preset's files from here instead."})
     split: str = field(
         default="test",
         metadata={"help": "'test' (the dataset's test split) or 'train'.", "choices": ["test", "train"]},
     )
-    image_column: str | None = field(default=None, metadata={"help": "Image column of a non-preset dataset."})
-    label_column: str | None = field(default=None, metadata={"help": "Label column of a non-preset dataset."})
-    coarse_labels: bool = field(default=False, metadata={"help": "CIFAR-100: the 20 superclasses."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Cache of decoded datasets."})
     batch_size: int = field(default=256, metadata={"help": "Images per device and batch."})
     use_cpu: bool = field(default=False, metadata={"help": "Evaluate on the CPU even when a GPU is present."})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast."})
@@ -47,39 +39,35 @@ class EvaluationArguments:
 
 
 def main(argv: list[str]) -> int:
-    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(argv)
+    args, data_args = HfArgumentParser((EvaluationArguments, DatasetArguments)).parse_args_into_dataclasses(argv)
     check_model_location(args.model)
     processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     model = AutoModelForImageClassification.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     size = processor.size
-    data = load_image_classification_dataset(
-        args.dataset,
-        source=args.dataset_source,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        coarse_labels=args.coarse_labels,
+    # Images are prepared as the model's processor prepares them.
+    data = data_args.load(
+        show_progress=PartialState().is_local_main_process,
         image_size=(size["height"], size["width"]),
         pad_to_square=bool(getattr(processor, "do_pad_to_square", False)),
         num_channels=getattr(processor, "num_channels", None),
-        cache_dir=args.cache_dir,
     )
     if data.num_labels != model.config.num_labels:
         raise ValueError(
-            f"{args.dataset} has {data.num_labels} classes but the model predicts {model.config.num_labels}: "
+            f"{data_args.dataset} has {data.num_labels} classes but the model predicts {model.config.num_labels}: "
             "evaluate on the dataset the model was trained for (see its model card)."
         )
-    check_class_names([model.config.id2label[i] for i in range(model.config.num_labels)], data.label_names, args)
+    model_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    check_class_names(model_names, data.label_names, model=args.model, dataset=data_args.dataset)
     with tempfile.TemporaryDirectory() as output_dir:
-        training_args = AACETrainingArguments(
+        training_args = TrainingArguments(
             output_dir=output_dir,
-            sam_method="sgd",
             per_device_eval_batch_size=args.batch_size,
             use_cpu=args.use_cpu,
             bf16=args.bf16,
             report_to="none",
             remove_unused_columns=False,
         )
-        trainer = AACETrainer(
+        trainer = ImageBatchTrainer(
             model=model,
             args=training_args,
             compute_metrics=compute_metrics,
@@ -121,7 +109,7 @@ def check_model_location(model: str) -> None:
         )
 
 
-def check_class_names(model_names: list[str], dataset_names: list[str], args: EvaluationArguments) -> None:
+def check_class_names(model_names: list[str], dataset_names: list[str], *, model: str, dataset: str) -> None:
     """Refuses a dataset whose classes are named differently from the model's (generic LABEL_i names pass).
 
     Names are compared by their letters and digits only: "T-shirt/top" and "T - shirt / top" are the same class.
@@ -135,7 +123,7 @@ def check_class_names(model_names: list[str], dataset_names: list[str], args: Ev
         return
     index = next(i for i, (ours, theirs) in enumerate(zip(model_names, dataset_names)) if key(ours) != key(theirs))
     raise ValueError(
-        f"Class {index} of {args.model} is {model_names[index]!r} but {dataset_names[index]!r} in {args.dataset}: the "
+        f"Class {index} of {model} is {model_names[index]!r} but {dataset_names[index]!r} in {dataset}: the "
         "model was trained on other classes or another label order. Evaluate on the dataset the model was trained for "
         "(see its model card)."
     )

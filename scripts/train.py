@@ -17,14 +17,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 import transformers
 from transformers import AutoModelForImageClassification, HfArgumentParser, set_seed
 
-from hf_aace import (
-    AACETrainer,
-    AACETrainingArguments,
-    PyramidNetConfig,
-    PyramidNetForImageClassification,
-    WideResNetConfig,
-    WideResNetForImageClassification,
-)
+from hf_aace import AACETrainer, AACETrainingArguments
 from hf_aace.checkpoints import (
     LogAtCheckpointsCallback,
     check_checkpoint,
@@ -32,28 +25,30 @@ from hf_aace.checkpoints import (
     mean_training_loss,
 )
 from hf_aace.data import (
+    DatasetArguments,
     ImageClassificationSplit,
     augmentation_for,
-    load_image_classification_dataset,
     symmetric_label_noise,
 )
 from hf_aace.divergence import TrainingDivergedError
 from hf_aace.metrics import compute_metrics, top_k_predictions
+from hf_aace.models.architectures import ARCHITECTURES, PAPER_TRAINING, resolve_model
 from hf_aace.plotting import plot_training_curves
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = {
-    "wide_resnet": (WideResNetConfig, WideResNetForImageClassification, ("depth", "widen_factor", "dropout_rate")),
-    "pyramidnet": (PyramidNetConfig, PyramidNetForImageClassification, ("depth", "alpha", "bottleneck")),
-}
+_NAMED_SIZES = ", ".join(name for architecture in ARCHITECTURES.values() for name in architecture.variants)
 
 
 @dataclass
 class ModelArguments:
     model: str = field(
         default="wide_resnet",
-        metadata={"help": "'wide_resnet', 'pyramidnet', or a local path / Hub id of a checkpoint to fine-tune."},
+        metadata={
+            "help": f"An architecture to train from scratch: {' or '.join(ARCHITECTURES)} (sizes from the flags "
+            f"below), a named size ({_NAMED_SIZES}), wrn-DEPTH-WIDEN or pyramidnet-DEPTH-ALPHA[-bottleneck]; or a "
+            "local path or Hub id of a checkpoint to fine-tune."
+        },
     )
     depth: int | None = field(default=None, metadata={"help": "Depth (WideResNet 6n+4; PyramidNet 6n+2 or 9n+2)."})
     widen_factor: int | None = field(default=None, metadata={"help": "WideResNet width multiplier k."})
@@ -64,23 +59,12 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    dataset: str = field(
-        default="digits",
-        metadata={"help": "cifar10, cifar100, fashion_mnist, food101, digits, a Hub dataset id or a local directory."},
-    )
-    dataset_source: str | None = field(
-        default=None, metadata={"help": "Load a preset's files from this local directory or Hub id instead."}
-    )
-    image_column: str | None = field(default=None, metadata={"help": "Image column of a non-preset dataset."})
-    label_column: str | None = field(default=None, metadata={"help": "Label column of a non-preset dataset."})
+class DataArguments(DatasetArguments):
     image_size: int | None = field(default=None, metadata={"help": "Resize images to this size (Food101: 32)."})
     pad_to_square: bool | None = field(
         default=None,
         metadata={"help": "Pad images to a centred square before resizing, keeping their aspect (Food101: true)."},
     )
-    coarse_labels: bool = field(default=False, metadata={"help": "CIFAR-100: train on the 20 superclasses."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Cache of decoded datasets."})
     augment: bool = field(
         default=True, metadata={"help": "Apply the dataset's training augmentation (false: normalise only)."}
     )
@@ -131,67 +115,111 @@ SCRIPT_DEFAULTS = {
     "channels_last": True,  # faster convolutions on CPUs (oneDNN) and GPUs (bench/RESULTS.md)
 }
 
+_PAPER_TRAINING_TEXT = ", ".join(f"{key} {value}" for key, value in PAPER_TRAINING.items())
+DESCRIPTION = (
+    "Train an image classifier with AACE (or SAM, ASAM, SGD) and publish it. Without --recipe, an architecture "
+    f"trained from scratch (--model {' / '.join(ARCHITECTURES)} or a short name) defaults to the paper's optimizer "
+    f"and schedule: {_PAPER_TRAINING_TEXT}; epochs and batch size are yours. Fine-tuning a checkpoint (--model PATH "
+    "or Hub id) keeps the Trainer's defaults. Any flag given wins over both."
+)
+
 
 def paper_recipe(model: str, world_size: int) -> dict:
-    """The paper's training settings (PAPER.md); the global batch is split over the processes."""
-    if model == "pyramidnet":
-        architecture, batch = {"depth": 272, "alpha": 200, "bottleneck": False}, 64
-    elif model == "wide_resnet":
-        architecture, batch = {"depth": 28, "widen_factor": 10, "dropout_rate": 0.0}, 256
-    else:
-        raise ValueError(f"--recipe paper needs --model wide_resnet or pyramidnet, got {model!r}.")
+    """The paper's training settings for `model`; the global batch is split over the processes."""
+    resolved = resolve_model(model)
+    if resolved is None:
+        raise ValueError(
+            f"--recipe paper needs --model {' or '.join(ARCHITECTURES)} (or a short name such as wrn-28-10), got "
+            f"{model!r}."
+        )
+    architecture, size = resolved
+    batch = architecture.paper_batch_size
     if batch % world_size:
         raise ValueError(f"--recipe paper uses a global batch of {batch}, which {world_size} processes cannot split.")
     return {
-        **architecture,
+        **architecture.paper_config,
+        **size,
+        **PAPER_TRAINING,
         "per_device_train_batch_size": batch // world_size,
         "num_train_epochs": 200,
-        "learning_rate": 0.1,
-        "optim": "sgd",
-        "optim_args": "momentum=0.9",
-        "weight_decay": 5e-4,
-        "weight_decay_all_parameters": True,
-        "lr_milestones": [0.3, 0.6, 0.8],
-        "lr_gamma": 0.2,
-        "warmup_steps": 0,
-        "max_grad_norm": 0.0,
         "label_smoothing_factor": 0.0,
         "seed": 42,
         "sam_method": "aace",
     }
 
 
+def model_defaults(model: str, recipe: str | None, world_size: int) -> dict:
+    """Defaults that follow from the model and recipe: the recipe's, else from-scratch training's, else none."""
+    if recipe == "paper":
+        return paper_recipe(model, world_size)
+    resolved = resolve_model(model)
+    if resolved is None:
+        return {}  # fine-tuning a checkpoint: the Trainer's defaults
+    return {**PAPER_TRAINING, **resolved[1]}
+
+
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, RecipeArguments, AACETrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, AACETrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, RecipeArguments, AACETrainingArguments), description=DESCRIPTION
+    )
     parser.set_defaults(**SCRIPT_DEFAULTS)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     if len(argv) == 1 and argv[0].endswith(".json"):
         with open(argv[0]) as file:
             values = json.load(file)
-        if values.get("recipe") == "paper":
-            values = {
-                **paper_recipe(values.get("model", "wide_resnet"), int(os.environ.get("WORLD_SIZE", 1))),
-                **values,
-            }
-        return parser.parse_dict({**SCRIPT_DEFAULTS, **values})
-    # Read --model and --recipe first, without building TrainingArguments (that sets up the distributed state).
-    model_args, recipe_args, _ = HfArgumentParser((ModelArguments, RecipeArguments)).parse_args_into_dataclasses(
-        argv, return_remaining_strings=True
-    )
-    if recipe_args.recipe == "paper":
-        # Recipe values become defaults, so flags given on the command line still override them.
-        parser.set_defaults(**paper_recipe(model_args.model, int(os.environ.get("WORLD_SIZE", 1))))
-    return parser.parse_args_into_dataclasses(argv)
+        defaults = model_defaults(values.get("model", ModelArguments.model), values.get("recipe"), world_size)
+        arguments = parser.parse_dict({**SCRIPT_DEFAULTS, **defaults, **values})
+    else:
+        # Read --model and --recipe first, without building TrainingArguments (that sets up the distributed state);
+        # their defaults then yield to every flag given on the command line.
+        model_args, recipe_args, _ = HfArgumentParser(
+            (ModelArguments, RecipeArguments), add_help=False
+        ).parse_args_into_dataclasses(argv, return_remaining_strings=True)
+        parser.set_defaults(**model_defaults(model_args.model, recipe_args.recipe, world_size))
+        arguments = parser.parse_args_into_dataclasses(argv)
+    check_model_size(arguments[0])
+    return arguments
+
+
+def check_model_size(model_args: ModelArguments) -> None:
+    """Refuses size flags that contradict a short model name (`--model wrn-28-10 --depth 16`)."""
+    resolved = resolve_model(model_args.model)
+    if resolved is None:
+        return
+    architecture, size = resolved
+    for name, value in size.items():
+        if getattr(model_args, name) != value:
+            raise ValueError(
+                f"--model {model_args.model} means {name} {value}, but --{name} is {getattr(model_args, name)}: drop "
+                f"--{name}, or pass --model {architecture.name} with the size flags you want."
+            )
 
 
 def build_model(model_args: ModelArguments, data):
     labels = {"num_labels": data.num_labels, "id2label": data.id2label, "label2id": data.label2id}
-    if model_args.model in ARCHITECTURES:
-        config_class, model_class, names = ARCHITECTURES[model_args.model]
-        options = {name: getattr(model_args, name) for name in names if getattr(model_args, name) is not None}
-        return model_class(config_class(num_channels=data.num_channels, **options, **labels))
+    resolved = resolve_model(model_args.model)
+    if resolved is not None:
+        architecture = resolved[0]
+        options = {name: getattr(model_args, name) for name in architecture.cli_fields}
+        options = {name: value for name, value in options.items() if value is not None}
+        return architecture.model_class(architecture.config_class(num_channels=data.num_channels, **options, **labels))
     return AutoModelForImageClassification.from_pretrained(
         model_args.model, trust_remote_code=model_args.trust_remote_code, ignore_mismatched_sizes=True, **labels
     )
+
+
+def log_training_defaults(model_args: ModelArguments, recipe_args: RecipeArguments, training_args) -> None:
+    """Says which optimizer and schedule defaults this run took, and which of them flags replaced."""
+    if recipe_args.recipe == "paper":
+        logger.info("--recipe paper: the paper's settings apply where no flag replaced them.")
+    elif resolve_model(model_args.model) is None:
+        logger.info(f"Fine-tuning {model_args.model}: the Trainer's optimizer and schedule defaults apply.")
+    else:
+        replaced = [key for key, value in PAPER_TRAINING.items() if getattr(training_args, key) != value]
+        logger.info(
+            f"Training {model_args.model} from scratch: the paper's optimizer and schedule are the defaults "
+            f"({_PAPER_TRAINING_TEXT})" + (f"; replaced by flags: {', '.join(replaced)}." if replaced else ".")
+        )
 
 
 def main(argv: list[str]) -> int:
@@ -214,17 +242,13 @@ def main(argv: list[str]) -> int:
         elif skipped:
             logger.warning(f"No complete checkpoint in {training_args.output_dir}: training starts from scratch.")
 
+    log_training_defaults(model_args, recipe_args, training_args)
     set_seed(training_args.seed)
     with training_args.main_process_first(desc="decoding the dataset"):
-        data = load_image_classification_dataset(
-            data_args.dataset,
-            source=data_args.dataset_source,
-            image_column=data_args.image_column,
-            label_column=data_args.label_column,
+        data = data_args.load(
+            show_progress=training_args.local_process_index == 0 and not training_args.disable_tqdm,
             image_size=data_args.image_size,
             pad_to_square=data_args.pad_to_square,
-            coarse_labels=data_args.coarse_labels,
-            cache_dir=data_args.cache_dir,
         )
     logger.info(
         f"{data.name}: {len(data.train)} train / {len(data.test)} {data.test_split} images, {data.num_labels} classes"

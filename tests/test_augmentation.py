@@ -7,7 +7,7 @@ import PIL.Image
 import pytest
 import torch
 
-from hf_aace.data import BatchAugmentation, augmentation_for, load_image_classification_dataset
+from hf_aace.data import AugmentationSettings, BatchAugmentation, augmentation_for, load_image_classification_dataset
 from hf_aace.image_processing_aace import AACEImageProcessor
 
 MEAN = (0.49, 0.48, 0.45)
@@ -152,14 +152,26 @@ def test_normalize_matches_image_processor():
 
 def test_digits_normalize_matches_its_processor_and_defaults(tmp_path):
     data = load_image_classification_dataset("digits", cache_dir=tmp_path)
+    assert data.augmentation == AugmentationSettings(crop_padding=1, flip=False, cutout_size=4, cutout_p=0.5)
     augmentation = augmentation_for(data, seed=5, cutout_p=1.0)
     assert (augmentation.crop_padding, augmentation.flip, augmentation.cutout_size) == (1, False, 4)
-    assert augmentation.cutout_p == 1.0 and augmentation.mean == data.mean
+    assert augmentation.cutout_p == 1.0 and augmentation.mean == data.mean and augmentation.seed == 5
+    assert data.augmentation.cutout_p == 0.5  # an override leaves the dataset's defaults alone
+    switched = augmentation_for(data, crop_padding=0, flip=True, cutout_size=2)
+    assert (switched.crop_padding, switched.flip, switched.cutout_size, switched.cutout_p) == (0, True, 2, 0.5)
     images = [PIL.Image.fromarray(image[0].numpy()) for image in data.test.images[:20]]
     expected = data.image_processor()(images, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(augmentation.normalize(data.test.images[:20]), expected, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="Unknown augmentation settings"):
+    with pytest.raises(ValueError, match=r"Unknown augmentation settings \['crop_size'\].*'cutout_p'"):
         augmentation_for(data, crop_size=3)
+
+
+def test_generic_augmentation_scales_the_cifar_recipe():
+    cifar = AugmentationSettings(crop_padding=4, flip=True, cutout_size=16, cutout_p=0.5)
+    assert AugmentationSettings.scaled_to((32, 32)) == cifar
+    assert AugmentationSettings.scaled_to((64, 96)) == AugmentationSettings(8, True, 32, 0.5)
+    assert AugmentationSettings.scaled_to((3, 40)) == AugmentationSettings(1, True, 1, 0.5)
+    assert BatchAugmentation(MEAN, STD, **cifar.as_kwargs()).cutout_size == 16
 
 
 def test_bad_inputs():

@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForImageClassification, PreTrainedModel
 
-from hf_aace.convert import REFERENCE_DATASETS, convert_reference_checkpoint, reference_image_processor
+from hf_aace.convert import convert_reference_checkpoint, infer_architecture, reference_image_processor
+from hf_aace.data.presets import PRESETS, get_preset, preset_names
+from hf_aace.hub import build_conversion_card
+from hf_aace.models import ARCHITECTURES
 
 from local_hub import dead_endpoint
-from reference_networks import build_reference_network, randomize_
+from reference_networks import REFERENCE_POOLING, build_reference_network, randomize_
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = REPO_ROOT.parent / "shared" / "reference" / "checkpoint_layouts.txt"
@@ -87,7 +90,7 @@ def _reference(architecture: str, dataset: str, kwargs: dict, num_labels: int, s
 
 
 def _inputs(dataset: str, side: int, seed: int = 1) -> torch.Tensor:
-    channels = REFERENCE_DATASETS[dataset].num_channels
+    channels = get_preset(dataset).num_channels
     return torch.randn(3, channels, side, side, generator=torch.Generator().manual_seed(seed))
 
 
@@ -144,13 +147,13 @@ def test_converted_model_gives_the_reference_logits(case, tmp_path):
     config = model.config
     assert config.model_type == f"aace_{architecture}"
     assert (config.depth, config.num_labels) == (kwargs["depth"], num_labels)
-    assert config.num_channels == REFERENCE_DATASETS[dataset].num_channels
-    assert config.pooling_size == REFERENCE_DATASETS[dataset].pooling_size[architecture]
+    assert config.num_channels == get_preset(dataset).num_channels
+    assert config.pooling_size == REFERENCE_POOLING[architecture][dataset]
     if architecture == "wide_resnet":
         assert config.widen_factor == kwargs["widen_factor"]
     else:
         assert (config.alpha, config.bottleneck) == (kwargs["alpha"], kwargs.get("bottleneck", False))
-    assert config.id2label[0] == REFERENCE_DATASETS[dataset].labels[0]
+    assert config.id2label[0] == get_preset(dataset).label_names[0]
     pixels = _inputs(dataset, side)
     with torch.no_grad():
         expected = reference(pixels)
@@ -172,14 +175,89 @@ def test_wrapped_dataparallel_state_dict_and_aliases(small_reference):
 
 
 def test_label_names():
-    counts = {name: len(dataset.labels) for name, dataset in REFERENCE_DATASETS.items()}
-    assert counts == {"cifar10": 10, "cifar100": 100, "fashionmnist": 10, "food101": 101}
-    for dataset in REFERENCE_DATASETS.values():
-        assert len(set(dataset.labels)) == len(dataset.labels)
+    counts = {name: len(PRESETS[name].label_names) for name in preset_names(convertible=True)}
+    assert counts == {"cifar10": 10, "cifar100": 100, "fashion_mnist": 10, "food101": 101}
+    for name in counts:
+        assert len(set(PRESETS[name].label_names)) == len(PRESETS[name].label_names)
     # torchvision's Food101 (used by the paper's code) numbers classes in sorted() order, as CIFAR-100 is.
-    food = REFERENCE_DATASETS["food101"].labels
+    food = PRESETS["food101"].label_names
     assert food[16:18] == ("cheese_plate", "cheesecake") and food[-1] == "waffles"
-    assert list(REFERENCE_DATASETS["cifar100"].labels) == sorted(REFERENCE_DATASETS["cifar100"].labels)
+    assert list(PRESETS["cifar100"].label_names) == sorted(PRESETS["cifar100"].label_names)
+
+
+def test_converters_pool_as_the_paper_for_every_convertible_dataset():
+    # REFERENCE_POOLING is the reference networks' own table, keyed by the paper's dataset names.
+    for name, architecture in ARCHITECTURES.items():
+        paper = {get_preset(dataset).name: size for dataset, size in REFERENCE_POOLING[name].items()}
+        assert architecture.converter.POOLING_SIZES == paper, name
+        assert list(architecture.converter.POOLING_SIZES) == preset_names(convertible=True), name
+
+
+def test_a_dataset_without_pooling_entry_names_the_convertible_ones(monkeypatch):
+    reference = _reference("wide_resnet", "food101", {"depth": 10, "widen_factor": 1}, 101)
+    monkeypatch.delitem(ARCHITECTURES["wide_resnet"].converter.POOLING_SIZES, "food101")
+    with pytest.raises(ValueError, match=r"no wide_resnet for food101; pass one of \['cifar10', 'cifar100', 'fashion"):
+        convert_reference_checkpoint(reference.state_dict(), "food101")
+
+
+def test_unknown_or_unconvertible_dataset_lists_the_convertible_presets(small_reference):
+    for dataset in ("imagenet", "digits"):  # digits is a preset, but the paper's code never trains on it
+        with pytest.raises(ValueError, match=rf"Unknown dataset '{dataset}'; pass one of") as error:
+            convert_reference_checkpoint(small_reference.state_dict(), dataset)
+        assert "'fashion_mnist'" in str(error.value) and "'fashionmnist'" in str(error.value)
+    with pytest.raises(ValueError, match="Unknown dataset"):
+        reference_image_processor("digits")
+
+
+def test_infer_architecture_recognises_each_reference_layout():
+    for name in ARCHITECTURES:
+        kwargs = {"depth": 10, "widen_factor": 1} if name == "wide_resnet" else {"depth": 8, "alpha": 6}
+        assert infer_architecture(build_reference_network(name, "cifar10", 10, **kwargs).state_dict()) == name
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The absolute names of the modules a source file imports (relative imports resolved against its package)."""
+    package = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(part for part in (base, node.module) if part)
+            names.update([module, *(f"{module}.{alias.name}" for alias in node.names)])
+    return names
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "hf_aace/convert.py",
+        "hf_aace/models/conversion_utils.py",
+        "hf_aace/models/wide_resnet/convert_wide_resnet.py",
+        "hf_aace/models/pyramidnet/convert_pyramidnet.py",
+    ],
+)
+def test_conversion_reads_the_presets_not_the_data_pipeline(path):
+    imported = _imported_modules(REPO_ROOT / path)
+    assert "hf_aace.data.loading" not in imported
+    assert not {"datasets", "PIL"} & {name.split(".")[0] for name in imported}
+    # Not the package itself either: hf_aace.data's __init__ imports the pipeline.
+    assert "hf_aace.data" not in imported
+    assert all(name.startswith("hf_aace.data.presets") for name in imported if name.startswith("hf_aace.data."))
+
+
+def test_conversion_card_metadata_and_text(small_reference):
+    model = convert_reference_checkpoint(small_reference.state_dict(), "cifar10")
+    card = build_conversion_card(model, "cifar10", "wrn10_1_cifar10.pth", repo_id="someone/wrn-10-1-cifar10")
+    assert isinstance(card, ModelCard)
+    assert card.data.tags == ["hf_aace", "aace", "sharpness-aware-minimization", "converted"]
+    assert card.data.datasets == ["uoft-cs/cifar10"]
+    assert (card.data.pipeline_tag, card.data.library_name) == ("image-classification", "transformers")
+    assert "# WRN-10-1 on cifar10, converted from the AACE paper's code" in card.text
+    assert "`wrn10_1_cifar10.pth`" in card.text and "AvgPool2d(8)" in card.text
+    assert 'from_pretrained("someone/wrn-10-1-cifar10", trust_remote_code=True)' in card.text
+    assert "mean [0.4914, 0.4822, 0.4465]" in card.text
 
 
 def test_not_a_checkpoint_file(tmp_path):
@@ -226,7 +304,7 @@ def test_dataset_and_architecture_errors(small_reference):
     state_dict = small_reference.state_dict()
     with pytest.raises(ValueError, match="Unknown dataset 'imagenet'; pass one of"):
         convert_reference_checkpoint(state_dict, "imagenet")
-    with pytest.raises(ValueError, match="takes 3 input channels but fashionmnist images have 1"):
+    with pytest.raises(ValueError, match="takes 3 input channels but fashion_mnist images have 1"):
         convert_reference_checkpoint(state_dict, "fashionmnist")
     with pytest.raises(ValueError, match="has 10 outputs but cifar100 has 100 classes"):
         convert_reference_checkpoint(state_dict, "cifar100")
@@ -272,6 +350,8 @@ def test_script_writes_a_folder_that_loads_without_hf_aace(small_reference, smal
     card = (out / "README.md").read_text()
     assert "https://example.org/wrn10_1_cifar10.pth" in card and "Converted, not retrained" in card
     assert "10.1109/ICIP51287.2024.10647582" in card and "WRN-10-1" in card
+    metadata = ModelCard.load(out / "README.md").data
+    assert metadata.datasets == ["uoft-cs/cifar10"] and "converted" in metadata.tags
     assert json.loads((out / "preprocessor_config.json").read_text())["image_mean"] == [0.4914, 0.4822, 0.4465]
 
     # A fresh interpreter without the repository on its path: only the saved remote code can build the model.

@@ -1,6 +1,8 @@
-"""Tests of hf_aace.data.loading: presets, column detection, decoding, validation and the tensor cache (offline)."""
+"""Tests of hf_aace.data's loading: presets, column detection, decoding, validation and the tensor cache (offline)."""
 
 import io
+import logging
+from dataclasses import dataclass, field, fields
 
 import datasets
 import numpy as np
@@ -8,9 +10,19 @@ import PIL.ExifTags
 import PIL.Image
 import pytest
 import torch
-from transformers import default_data_collator
+from transformers import HfArgumentParser, default_data_collator
+from transformers.utils import logging as transformers_logging
 
-from hf_aace.data import BatchAugmentation, ImageClassificationSplit, load_image_classification_dataset, loading
+from hf_aace.data import (
+    PRESETS,
+    AugmentationSettings,
+    BatchAugmentation,
+    DatasetArguments,
+    ImageClassificationSplit,
+    decoding,
+    get_preset,
+    load_image_classification_dataset,
+)
 from hf_aace.image_processing_aace import prepare_image
 
 from hub_datasets import encode, write_hub_dataset
@@ -49,17 +61,18 @@ def test_cifar10_preset_from_local_copy_converts_stray_modes(tmp_path):
 
     data = load_image_classification_dataset("cifar10", source=str(source), cache_dir=tmp_path / "cache")
 
-    assert data.dataset_id == "uoft-cs/cifar10" and data.source == str(source)
+    assert data.name == "cifar10" and data.dataset_id == "uoft-cs/cifar10" and data.test_split == "test"
     assert data.train.images.dtype == torch.uint8 and data.train.images.shape == (6, 3, 32, 32)
+    # The images and labels come from the local copy's "img" and "label" columns.
     assert data.test.labels.tolist() == [7, 8, 9] and data.test.labels.dtype == torch.int64
-    assert (data.image_column, data.label_column, data.test_split) == ("img", "label", "test")
+    assert data.train.labels.tolist() == [0, 1, 2, 3, 4, 5]
     expected = [np.asarray(PIL.Image.fromarray(a).convert("RGB")) for a in train[:3]]
     expected += [np.asarray(image.convert("RGB")) for image in stray]
     assert np.array_equal(data.train.images.permute(0, 2, 3, 1).numpy(), np.stack(expected))
     pixels = np.stack(expected).astype(np.float64) / 255
     np.testing.assert_allclose(data.mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-12)
     np.testing.assert_allclose(data.std, pixels.reshape(-1, 3).std(axis=0, ddof=1), rtol=1e-12)
-    assert data.augmentation == {"crop_padding": 4, "flip": True, "cutout_size": 16, "cutout_p": 0.5}
+    assert data.augmentation == AugmentationSettings(crop_padding=4, flip=True, cutout_size=16, cutout_p=0.5)
 
 
 def test_cifar100_preset_fine_and_coarse_labels_share_a_cache_without_mixing(tmp_path):
@@ -84,7 +97,6 @@ def test_cifar100_preset_fine_and_coarse_labels_share_a_cache_without_mixing(tmp
         )
         assert data.num_labels == (20 if coarse else 100)
         assert data.label_names[-1] == ("class_19" if coarse else "class_99")
-        assert data.label_column == ("coarse_label" if coarse else "fine_label")
         assert data.train.labels.tolist() == ([19, 0, 1, 2] if coarse else [99, 1, 2, 3])
         assert data.test.labels.tolist() == ([19, 0, 1, 2] if coarse else [99, 1, 2, 3])
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
@@ -106,7 +118,17 @@ def test_fashion_mnist_preset_stays_grayscale(tmp_path):
     assert data.num_channels == 1 and data.train.images.shape == (5, 1, 28, 28)
     assert np.array_equal(data.train.images[0, 0].numpy(), train[0])
     assert np.array_equal(data.train.images[4, 0].numpy(), np.asarray(PIL.Image.fromarray(rgb).convert("L")))
-    assert len(data.mean) == 1 and data.augmentation["crop_padding"] is None and data.augmentation["flip"] is False
+    assert len(data.mean) == 1 and data.augmentation.crop_padding is None and data.augmentation.flip is False
+    assert data.augmentation == AugmentationSettings(crop_padding=None, flip=False, cutout_size=16, cutout_p=0.5)
+
+    # One preset, whatever its spelling: the aliases give the same dataset and share its cache entry.
+    assert data.name == "fashion_mnist" and data.dataset_id == "zalando-datasets/fashion_mnist"
+    for alias in ("fashionmnist", "Fashion-MNIST"):
+        assert get_preset(alias) is PRESETS["fashion_mnist"]
+        again = load_image_classification_dataset(alias, source=str(source), cache_dir=tmp_path / "cache")
+        assert again.name == "fashion_mnist" and again.dataset_id == "zalando-datasets/fashion_mnist"
+        assert torch.equal(again.train.images, data.train.images) and again.augmentation == data.augmentation
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 
 
 def test_food101_preset_pads_resizes_and_matches_image_processor(tmp_path):
@@ -171,7 +193,7 @@ def test_digits_end_to_end_and_cache_hit(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(loading, "_decode_images", fail)
+    monkeypatch.setattr(decoding, "decode_images", fail)
     again = load_image_classification_dataset("digits", cache_dir=tmp_path)
     assert torch.equal(again.train.images, data.train.images) and torch.equal(again.test.labels, data.test.labels)
     assert again.mean == data.mean and again.label_names == data.label_names
@@ -198,30 +220,37 @@ def test_generic_dataset_detects_columns_and_uses_validation(tmp_path):
     features = datasets.Features(
         {"caption": datasets.Value("string"), "picture": datasets.Image(), "target": class_label(3)}
     )
+    pictures = {split: random_images(rng, 3, (6, 5)) for split in ("train", "validation")}
     splits = {
-        split: {
+        "train": {"caption": ["x"] * 3, "picture": [encode(a) for a in pictures["train"]], "target": [2, 0, 1]},
+        "validation": {
             "caption": ["x"] * 3,
-            "picture": [encode(a) for a in random_images(rng, 3, (6, 5))],
-            "target": [0, 1, 2],
-        }
-        for split in ("train", "validation")
+            "picture": [encode(a) for a in pictures["validation"]],
+            "target": [1, 2, 0],
+        },
     }
     source = write_hub_dataset(tmp_path / "generic", features, splits)
 
     data = load_image_classification_dataset(str(source), cache_dir=tmp_path / "cache")
 
-    assert (data.image_column, data.label_column, data.test_split) == ("picture", "target", "validation")
+    # The single Image and ClassLabel columns ("picture", "target") are found; "validation" is the test split.
+    assert data.test_split == "validation" and data.name == data.dataset_id == str(source)
     assert data.train.images.shape == (3, 1, 6, 5) and data.label_names == ["class_0", "class_1", "class_2"]
-    assert data.augmentation == {"crop_padding": 1, "flip": True, "cutout_size": 2, "cutout_p": 0.5}
+    assert np.array_equal(data.train.images[:, 0].numpy(), np.stack(pictures["train"]))
+    assert np.array_equal(data.test.images[:, 0].numpy(), np.stack(pictures["validation"]))
+    assert data.train.labels.tolist() == [2, 0, 1] and data.test.labels.tolist() == [1, 2, 0]
+    assert data.augmentation == AugmentationSettings(crop_padding=1, flip=True, cutout_size=2, cutout_p=0.5)
+    assert data.augmentation == AugmentationSettings.scaled_to((6, 5))
 
 
 def test_integer_label_column_by_name(tmp_path):
     rng = np.random.default_rng(5)
     features = datasets.Features({"a": datasets.Image(), "b": datasets.Image(), "y": datasets.Value("int64")})
+    images = {(split, column): random_images(rng, 2, (4, 4, 3)) for split in ("train", "test") for column in "ab"}
     splits = {
         split: {
-            "a": [encode(x) for x in random_images(rng, 2, (4, 4, 3))],
-            "b": [encode(x) for x in random_images(rng, 2, (4, 4, 3))],
+            "a": [encode(x) for x in images[split, "a"]],
+            "b": [encode(x) for x in images[split, "b"]],
             "y": [0, 3],
         }
         for split in ("train", "test")
@@ -237,6 +266,12 @@ def test_integer_label_column_by_name(tmp_path):
 
     data = load_image_classification_dataset(str(source), image_column="b", label_column="y", cache_dir=tmp_path)
     assert data.label_names == ["0", "1", "2", "3"] and data.num_channels == 3
+    assert np.array_equal(data.train.images.permute(0, 2, 3, 1).numpy(), np.stack(images["train", "b"]))
+    # The columns are part of the cache key: the other image column is decoded afresh, not read from b's entry.
+    other = load_image_classification_dataset(str(source), image_column="a", label_column="y", cache_dir=tmp_path)
+    assert np.array_equal(other.train.images.permute(0, 2, 3, 1).numpy(), np.stack(images["train", "a"]))
+    assert np.array_equal(other.test.images.permute(0, 2, 3, 1).numpy(), np.stack(images["test", "a"]))
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
 
 
 def test_bad_names_and_arguments(tmp_path):
@@ -248,6 +283,16 @@ def test_bad_names_and_arguments(tmp_path):
         load_image_classification_dataset("cifar10", label_column="x", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="image_size"):
         load_image_classification_dataset("digits", image_size=(8, 0), cache_dir=tmp_path)
+    with pytest.raises(
+        ValueError, match="coarse_labels=True only applies to the presets with superclasses \\('cifar100'\\)"
+    ):
+        load_image_classification_dataset(str(tmp_path), coarse_labels=True, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="source only redirects a preset \\(cifar10, cifar100, fashion_mnist"):
+        load_image_classification_dataset(str(tmp_path), source=str(tmp_path), cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="built from scikit-learn"):
+        load_image_classification_dataset("Digits", revision="main", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="num_channels must be 1"):
+        load_image_classification_dataset("digits", num_channels=2, cache_dir=tmp_path)
 
 
 def test_missing_test_split(tmp_path):
@@ -331,3 +376,72 @@ def test_decoding_matches_datasets_with_exif_orientation(tmp_path):
     assert decoded[0].size == (12, 20)  # datasets applied the rotation
     expected = np.stack([np.asarray(image.convert("RGB")) for image in decoded])
     assert np.array_equal(data.test.images.permute(0, 2, 3, 1).numpy(), expected)
+
+
+@pytest.fixture
+def progress_bars():
+    """Turns transformers' progress bars on for one test, restoring the previous setting afterwards."""
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()
+    yield
+    if not enabled:
+        transformers_logging.disable_progress_bar()
+
+
+def test_first_decode_shows_progress_and_logs_the_cache(tmp_path, capfd, caplog, progress_bars):
+    with caplog.at_level(logging.INFO, logger="hf_aace"):
+        load_image_classification_dataset("digits", cache_dir=tmp_path / "shown")
+    shown = capfd.readouterr().err
+    assert "Decoding the train images" in shown and "1437/1437" in shown
+    assert "Decoding the test images" in shown and "360/360" in shown
+    (cache_file,) = (tmp_path / "shown").glob("*.safetensors")
+    assert f"Decoding sklearn.datasets.load_digits; it will be cached in {cache_file}" in caplog.text
+    assert f"and cached it in {cache_file}" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_aace"):
+        load_image_classification_dataset("digits", cache_dir=tmp_path / "shown")
+    assert f"Read the decoded sklearn.datasets.load_digits from {cache_file}" in caplog.text
+    assert "Decoding" not in caplog.text and "Decoding" not in capfd.readouterr().err
+
+    # Quiet on request, or when transformers' progress bars are off (--disable_tqdm, non-main processes).
+    load_image_classification_dataset("digits", cache_dir=tmp_path / "quiet", show_progress=False)
+    transformers_logging.disable_progress_bar()
+    load_image_classification_dataset("digits", cache_dir=tmp_path / "disabled")
+    assert "Decoding" not in capfd.readouterr().err
+    assert len(list(tmp_path.glob("*/*.safetensors"))) == 3  # both were decoded, not read from a cache
+
+
+@dataclass
+class TrainingDataArguments(DatasetArguments):
+    image_size: int | None = field(default=None, metadata={"help": "Resize images to this size."})
+
+
+def test_dataset_arguments_parse_and_load(tmp_path):
+    parser = HfArgumentParser(DatasetArguments)
+    (args,) = parser.parse_args_into_dataclasses(["--dataset", "cifar10", "--coarse_labels", "--cache_dir", "c"])
+    assert args == DatasetArguments(dataset="cifar10", coarse_labels=True, cache_dir="c")
+    (help_text,) = [f.metadata["help"] for f in fields(DatasetArguments) if f.name == "dataset"]
+    for preset in PRESETS.values():
+        assert preset.name in help_text and all(alias in help_text for alias in preset.aliases)
+    assert "uoft-cs/cifar100" in help_text and "ethz/food101" in help_text
+    with pytest.raises(ValueError, match="coarse_labels=True only applies"):
+        args.load()
+
+    rng = np.random.default_rng(10)
+    pixels = random_images(rng, 4, (28, 28))
+    features = datasets.Features({"image": datasets.Image(), "label": class_label(10)})
+    splits = {split: {"image": [encode(a) for a in pixels], "label": [0, 1, 2, 3]} for split in ("train", "test")}
+    source = write_hub_dataset(tmp_path / "fashion_mnist", features, splits)
+    argv = ["--dataset", "fashionmnist", "--dataset_source", str(source), "--cache_dir", str(tmp_path / "cache")]
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    data = args.load(image_size=14, num_channels=3, show_progress=False)
+    assert data.name == "fashion_mnist" and data.train.images.shape == (4, 3, 14, 14)
+    assert list(tmp_path.glob("cache/zalando-datasets_fashion_mnist-*.safetensors"))
+
+    # A script's own data options extend the shared ones.
+    (args,) = HfArgumentParser(TrainingDataArguments).parse_args_into_dataclasses(
+        ["--image_size", "16", "--cache_dir", str(tmp_path / "cache")]
+    )
+    data = args.load(image_size=args.image_size, pad_to_square=True, show_progress=False)
+    assert data.name == "digits" and data.image_size == (16, 16) and data.pad_to_square

@@ -1,8 +1,17 @@
-"""Tests of the local Hub (tests/local_hub.py): what the clients push through `HF_ENDPOINT` comes back intact."""
+"""Tests of the local Hub (tests/local_hub/): what the clients push through `HF_ENDPOINT` comes back intact."""
 
 import pytest
 
-from local_hub import DEFAULT_USER, HubSettings, LocalHub, dead_endpoint, ensure_environment, free_port, shared_hub
+from local_hub import (
+    DEFAULT_TOKEN,
+    DEFAULT_USER,
+    HubSettings,
+    LocalHub,
+    dead_endpoint,
+    ensure_environment,
+    free_port,
+    shared_hub,
+)
 
 # The Hugging Face clients read HF_ENDPOINT when they are imported: configure it first (a no-op once conftest.py has
 # called configure_environment). If conftest.py imported them before configuring it, these tests cannot run.
@@ -12,9 +21,13 @@ except RuntimeError as error:
     pytest.skip(str(error), allow_module_level=True)
 
 import io  # noqa: E402
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+from email.message import Message  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import httpx2  # noqa: E402
@@ -237,6 +250,46 @@ def test_wrong_token_is_rejected_when_a_token_is_configured(tmp_path: Path) -> N
             HfApi(endpoint=strict.url, token="hf_wrong").create_repo("org/model")
         assert error.value.response.status_code == 401
         assert HfApi(endpoint=strict.url, token="hf_right").whoami()["name"] == DEFAULT_USER
+    with pytest.raises(httpx2.ConnectError):  # stopped: nothing listens on the port any more
+        HfApi(endpoint=strict.url, token="hf_right").whoami()
+
+
+def test_start_fails_when_the_port_is_taken(local_hub: LocalHub, tmp_path: Path) -> None:
+    taken = HubSettings(root=tmp_path, port=local_hub.settings.port, endpoint=local_hub.url, token=DEFAULT_TOKEN)
+    with pytest.raises(RuntimeError, match=f"did not start on port {taken.port}: .*address already in use"):
+        LocalHub(taken).start()
+    assert HfApi().whoami()["name"] == DEFAULT_USER  # the running hub is untouched
+
+
+def front_request(url: str, method: str, body: bytes = b"") -> tuple[int, Message, bytes]:
+    """Status, headers (case-insensitive) and body of a raw request with the configured token."""
+    request = urllib.request.Request(
+        url, data=body, method=method, headers={"Authorization": f"Bearer {DEFAULT_TOKEN}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+def test_front_server_answers_hub_style_errors(local_hub: LocalHub) -> None:
+    repo_id = HfApi().create_repo("routing", exist_ok=True).repo_id
+
+    # A revision with an encoded '/' still reaches the preupload route, which commits to main only.
+    status, headers, body = front_request(
+        f"{local_hub.url}/api/models/{repo_id}/preupload/refs%2Fpr%2F1", "POST", b'{"files": []}'
+    )
+    assert (status, headers["X-Error-Code"]) == (404, "RevisionNotFound")
+    assert "refs/pr/1" in json.loads(body)["error"]
+    # Writes the front server does not implement are neither forwarded to olah nor dropped.
+    status, headers, body = front_request(f"{local_hub.url}/api/models/{repo_id}/settings", "PUT", b"{}")
+    assert status == 501 and "does not implement PUT" in headers["X-Error-Message"]
+    assert json.loads(body)["error"] == headers["X-Error-Message"]
+    # HEAD of a file is forwarded to olah: its length, no body.
+    status, headers, body = front_request(f"{local_hub.url}/{repo_id}/resolve/main/.gitattributes", "HEAD")
+    assert status == 200 and body == b""
+    assert int(headers["Content-Length"]) == (local_hub.repo_dir(repo_id) / ".gitattributes").stat().st_size
 
 
 def test_unreachable_endpoint_raises_a_connection_error(tmp_path: Path) -> None:

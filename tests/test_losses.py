@@ -1,4 +1,5 @@
 import functools
+import inspect
 
 import pytest
 import torch
@@ -151,6 +152,19 @@ def test_reductions_and_module():
     for bad in ({"threshold": 1.5}, {"mode": "const"}, {"reduction": "avg"}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must"):
             AACELoss(**bad)
+
+
+def test_options_are_keyword_only_in_one_order():
+    logits = torch.randn(2, 3)
+    labels = torch.tensor([0, 1])
+    for function in (aace_loss, aace_loss_unchecked):
+        with pytest.raises(TypeError, match="positional"):
+            function(logits, labels, 0.0)
+        parameters = inspect.signature(function).parameters.values()
+        options = [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        assert options == ["threshold", "mode", "reduction", "generator"], function.__name__
+    with pytest.raises(TypeError, match="positional"):
+        AACELoss(0.0)
 
 
 @pytest.mark.parametrize(

@@ -1,35 +1,59 @@
+import ast
+import importlib
+import inspect
+import re
 import subprocess
 import sys
 import textwrap
+from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForImageClassification, pipeline
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, ResNetConfig, pipeline
 
 from hf_aace import (
     AACEImageProcessor,
+    AACETrainingArguments,
     PyramidNetConfig,
     PyramidNetForImageClassification,
     WideResNetConfig,
     WideResNetForImageClassification,
 )
+from hf_aace.hub import OWN_MODEL_TYPES as HUB_OWN_MODEL_TYPES
+from hf_aace.hub import architecture_name
+from hf_aace.models import ARCHITECTURES, OWN_MODEL_TYPES, architecture_for, resolve_model
+from hf_aace.models.architectures import PAPER_TRAINING
 
-TINY_CONFIGS = {
-    "wrn": lambda **kw: WideResNetConfig(depth=10, widen_factor=1, num_labels=3, **kw),
-    "pyramidnet-basic": lambda **kw: PyramidNetConfig(depth=8, alpha=12, num_labels=3, **kw),
-    "pyramidnet-bottleneck": lambda **kw: PyramidNetConfig(depth=11, alpha=12, bottleneck=True, num_labels=3, **kw),
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The smallest sizes of each architecture (by short name), built by the tests below.
+TINY_SIZES = {
+    "wide_resnet": ("wrn-10-1",),
+    "pyramidnet": ("pyramidnet-8-12", "pyramidnet-11-12-bottleneck"),
 }
-MODEL_CLASSES = {
-    WideResNetConfig: WideResNetForImageClassification,
-    PyramidNetConfig: PyramidNetForImageClassification,
+TINY_MODELS = [name for names in TINY_SIZES.values() for name in names]
+
+# Each named variant's short name: its depth and width (alpha) and unit kind, as stated independently of the table.
+VARIANT_SIZES = {
+    "wrn-28-10": "wrn-28-10",
+    "wrn-16-8": "wrn-16-8",
+    "wrn-16-4": "wrn-16-4",
+    "wrn-28-2": "wrn-28-2",
+    "wrn-40-2": "wrn-40-2",
+    "wrn-10-1": "wrn-10-1",
+    "pyramidnet-272": "pyramidnet-272-200",
+    "pyramidnet-110": "pyramidnet-110-48",
+    "pyramidnet-272-bottleneck": "pyramidnet-272-200-bottleneck",
 }
+VARIANTS = [(architecture, variant) for architecture in ARCHITECTURES.values() for variant in architecture.variants]
 
 
 def build(name: str, **kwargs):
-    config = TINY_CONFIGS[name](**kwargs)
-    return MODEL_CLASSES[type(config)](config)
+    architecture, size = resolve_model(name)
+    return architecture.model_class(architecture.config_class(**size, num_labels=3, **kwargs))
 
 
 def randomise_batchnorm(model: torch.nn.Module) -> None:
@@ -52,6 +76,17 @@ def test_full_size_parameter_counts_match_the_paper():
     assert sum(p.numel() for p in pyramidnet.parameters()) == 41_131_331
 
 
+@pytest.mark.parametrize(("name", "parameters"), [("wide_resnet", 46_218_164), ("pyramidnet", 41_131_331)])
+def test_paper_variants_are_the_papers_networks(name, parameters):
+    architecture = ARCHITECTURES[name]
+    resolved, size = resolve_model(architecture.paper_variant)
+    assert resolved is architecture
+    with torch.device("meta"):
+        model = architecture.model_class(architecture.config_class(**size, num_labels=100))
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert architecture.paper_batch_size == {"wide_resnet": 256, "pyramidnet": 64}[name]
+
+
 def test_pyramidnet_widths_follow_the_paper_ramp():
     # Unit widths of PyramidNet-20, alpha 48 in the paper's checkpoints: 21, 27, 32, 37, 43, 48, 53, 59, 64.
     assert PyramidNetConfig(depth=20, alpha=48).unit_widths == [21, 27, 32, 37, 43, 48, 53, 59, 64]
@@ -59,7 +94,7 @@ def test_pyramidnet_widths_follow_the_paper_ramp():
     assert model.classifier.in_features == 256
 
 
-@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+@pytest.mark.parametrize("name", TINY_MODELS)
 @pytest.mark.parametrize(("channels", "size"), [(3, 32), (1, 28), (3, 17)])
 def test_shapes_and_loss_only_with_labels(name, channels, size):
     model = build(name, num_channels=channels)
@@ -76,7 +111,7 @@ def test_shapes_and_loss_only_with_labels(name, channels, size):
 
 def test_label_smoothing_is_honoured():
     torch.manual_seed(0)
-    model = build("wrn", label_smoothing=0.1).eval()
+    model = build("wrn-10-1", label_smoothing=0.1).eval()
     randomise_batchnorm(model)
     pixel_values, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     logits = model(pixel_values).logits
@@ -85,7 +120,7 @@ def test_label_smoothing_is_honoured():
 
 
 def test_wide_resnet_initialisation_follows_the_paper():
-    model = build("wrn")
+    model = build("wrn-10-1")
     assert torch.count_nonzero(model.classifier.weight) == 0 and torch.count_nonzero(model.classifier.bias) == 0
     convs = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     # Channel-changing convolutions (3 -> 16, 16 -> 32, 32 -> 64, 1x1 shortcuts) tell fan-in from fan-out: He-normal
@@ -97,7 +132,7 @@ def test_wide_resnet_initialisation_follows_the_paper():
 
 
 def test_fixed_pooling_window_reproduces_the_paper_and_rejects_mismatched_sizes():
-    model = build("wrn", num_channels=1, pooling_size=4).eval()
+    model = build("wrn-10-1", num_channels=1, pooling_size=4).eval()
     randomise_batchnorm(model)
     pixel_values = torch.randn(2, 1, 28, 28)
     features = model.wide_resnet(pixel_values).last_hidden_state  # 7 x 7 map
@@ -107,7 +142,7 @@ def test_fixed_pooling_window_reproduces_the_paper_and_rejects_mismatched_sizes(
         model(torch.randn(1, 1, 64, 64))
 
 
-@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_save_load_and_auto_round_trip(name, tmp_path):
     model = build(name).eval()
     randomise_batchnorm(model)
@@ -122,7 +157,7 @@ def test_save_load_and_auto_round_trip(name, tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("name", ["wrn", "pyramidnet-bottleneck"])
+@pytest.mark.parametrize("name", ["wrn-10-1", "pyramidnet-11-12-bottleneck"])
 def test_remote_code_loads_without_hf_aace(name, tmp_path):
     model = build(name, id2label={0: "cat", 1: "dog", 2: "fox"}).eval()
     randomise_batchnorm(model)
@@ -154,7 +189,7 @@ def test_remote_code_loads_without_hf_aace(name, tmp_path):
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
 def test_pipeline_on_pil_images_matches_the_processor(mode, tmp_path):
     num_channels = 1 if mode == "L" else 3
-    model = build("wrn", num_channels=num_channels, id2label={0: "cat", 1: "dog", 2: "fox"}).eval()
+    model = build("wrn-10-1", num_channels=num_channels, id2label={0: "cat", 1: "dog", 2: "fox"}).eval()
     randomise_batchnorm(model)
     model.save_pretrained(tmp_path)
     mean, std = [0.4] * num_channels, [0.2] * num_channels
@@ -202,3 +237,189 @@ def test_processor_pads_to_square_and_resizes_for_food101():
 def test_invalid_configs_raise_value_error(factory, kwargs, message):
     with pytest.raises(ValueError, match=message):
         factory(**kwargs)
+
+
+def test_every_architecture_has_a_tiny_size():
+    assert set(TINY_SIZES) == set(ARCHITECTURES)
+    for name, sizes in TINY_SIZES.items():
+        assert sizes, name
+        for size in sizes:
+            assert resolve_model(size)[0] is ARCHITECTURES[name], size
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES.values(), ids=list(ARCHITECTURES))
+def test_the_table_registers_each_architecture_with_the_auto_classes(architecture):
+    config = AutoConfig.for_model(architecture.model_type, num_labels=3)
+    assert type(config) is architecture.config_class
+    with torch.device("meta"):
+        assert type(AutoModel.from_config(config)) is architecture.base_model_class
+        assert type(AutoModelForImageClassification.from_config(config)) is architecture.model_class
+    assert architecture_for(config) is architecture and architecture_for(architecture.model_type) is architecture
+    # The training script turns cli_fields into flags: each must be a keyword of the config.
+    assert set(architecture.cli_fields) <= set(inspect.signature(architecture.config_class).parameters)
+    assert architecture.paper_variant in architecture.variants
+
+
+def test_own_model_types_come_from_the_table():
+    assert OWN_MODEL_TYPES == ("aace_wide_resnet", "aace_pyramidnet")
+    assert HUB_OWN_MODEL_TYPES == OWN_MODEL_TYPES
+    assert architecture_for(ResNetConfig()) is None and architecture_for("resnet") is None
+
+
+def test_paper_training_defaults_are_training_arguments():
+    assert dict(PAPER_TRAINING) == {
+        "learning_rate": 0.1,
+        "optim": "sgd",
+        "optim_args": "momentum=0.9",
+        "weight_decay": 5e-4,
+        "weight_decay_all_parameters": True,
+        "lr_milestones": [0.3, 0.6, 0.8],
+        "lr_gamma": 0.2,
+        "warmup_steps": 0,
+        "max_grad_norm": 0.0,
+    }
+    assert set(PAPER_TRAINING) <= {field.name for field in fields(AACETrainingArguments)}
+    assert all(architecture.training_defaults is PAPER_TRAINING for architecture in ARCHITECTURES.values())
+
+
+def test_named_variants_are_listed_with_their_sizes():
+    assert sorted(variant for _, variant in VARIANTS) == sorted(VARIANT_SIZES)
+
+
+@pytest.mark.parametrize(("architecture", "variant"), VARIANTS, ids=[variant for _, variant in VARIANTS])
+def test_named_variants_build_configs_of_their_stated_size(architecture, variant):
+    resolved, size = resolve_model(variant)
+    assert resolved is architecture
+    config = architecture.config_class(**size)
+    assert architecture.short_name(config) == VARIANT_SIZES[variant]
+    # The returned keywords are a copy: changing them leaves the table intact.
+    size["depth"] = 0
+    assert resolve_model(variant)[1]["depth"] == config.depth
+
+
+@pytest.mark.parametrize(
+    ("name", "architecture", "size"),
+    [
+        ("wide_resnet", "wide_resnet", {}),
+        ("PyramidNet", "pyramidnet", {}),
+        ("wrn-22-3", "wide_resnet", {"depth": 22, "widen_factor": 3}),
+        (" WRN-28-10 ", "wide_resnet", {"depth": 28, "widen_factor": 10}),
+        ("pyramidnet-20-48", "pyramidnet", {"depth": 20, "alpha": 48, "bottleneck": False}),
+        ("pyramidnet-29-48-bottleneck", "pyramidnet", {"depth": 29, "alpha": 48, "bottleneck": True}),
+        ("pyramidnet-272", "pyramidnet", {"depth": 272, "alpha": 200, "bottleneck": False}),
+    ],
+)
+def test_resolve_model_reads_names_variants_and_patterns(name, architecture, size):
+    assert resolve_model(name) == (ARCHITECTURES[architecture], size)
+
+
+def test_resolve_model_leaves_paths_and_hub_ids_alone(tmp_path, monkeypatch):
+    for name in ("microsoft/resnet-18", "someone/wrn-28-10-cifar100", "./outputs/run", "bert-base-uncased"):
+        assert resolve_model(name) is None, name
+    # A saved model in a folder named like a short name is a path, not a size.
+    (tmp_path / "wrn-16-8-cifar10-aace").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("wrn-16-8-cifar10-aace") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("wrn-27-10", r"'wrn-27-10' is not a valid wide_resnet size: depth must be 6n \+ 4"),
+        ("pyramidnet-21-48", r"not a valid pyramidnet size: depth must be 6n \+ 2"),
+        ("pyramidnet-14-48-bottleneck", r"depth must be 9n \+ 2"),
+        ("wrn-28", "Unknown model 'wrn-28': not a known size nor an existing path"),
+        ("pyramidnet-272-basic", "Unknown model"),
+    ],
+)
+def test_resolve_model_rejects_invalid_short_names(name, message):
+    with pytest.raises(ValueError, match=message) as error:
+        resolve_model(name)
+    # The message names the valid forms and the named variants.
+    for form in ("wrn-DEPTH-WIDEN", "pyramidnet-DEPTH-ALPHA[-bottleneck]", "'wrn-28-10'", "'pyramidnet-272'"):
+        assert form in str(error.value)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS + [variant for _, variant in VARIANTS])
+def test_short_name_round_trips_through_resolve_model(name):
+    architecture, size = resolve_model(name)
+    config = architecture.config_class(**size)
+    short = architecture.short_name(config)
+    resolved, parsed = resolve_model(short)
+    assert resolved is architecture
+    assert parsed == {key: getattr(config, key) for key in parsed} and set(size) <= set(parsed)
+    assert architecture.short_name(architecture.config_class(**parsed)) == short
+
+
+@pytest.mark.parametrize(
+    ("config", "display"),
+    [
+        (WideResNetConfig(depth=28, widen_factor=10), "WRN-28-10"),
+        (PyramidNetConfig(depth=272, alpha=200), "PyramidNet-272 (alpha 200, basic)"),
+        (PyramidNetConfig(depth=29, alpha=48, bottleneck=True), "PyramidNet-29 (alpha 48, bottleneck)"),
+    ],
+)
+def test_display_name(config, display):
+    assert architecture_for(config).display_name(config) == display
+    assert architecture_name(config) == display
+
+
+def test_display_name_of_other_models_is_the_class_name():
+    assert architecture_name(ResNetConfig()) == "ResNet"
+
+
+MODELS = REPO_ROOT / "hf_aace" / "models"
+# The files that ship with every saved model, so that it loads with trust_remote_code=True without hf_aace.
+SHIPPED_FILES = sorted([*MODELS.glob("*/modeling_*.py"), *MODELS.glob("*/configuration_*.py")])
+COPIED_FROM = re.compile(r"^\s*# Copied from ([\w.]+)(?: with (\S+))?$")
+
+
+def _copies() -> list[tuple[str, str, str, str]]:
+    """(file:line, source of the marked object, name of the original, replacements) for each `# Copied from`."""
+    copies = []
+    for path in SHIPPED_FILES:
+        source = path.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and (
+                marker := COPIED_FROM.match(lines[node.lineno - 2])
+            ):
+                body = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno]))
+                copies.append((f"{path.name}:{node.lineno}", body, marker.group(1), marker.group(2) or ""))
+    return copies
+
+
+def _original_source(dotted: str) -> str:
+    parts = dotted.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for attribute in parts[split:]:
+            target = getattr(target, attribute)
+        return textwrap.dedent(inspect.getsource(target)).rstrip("\n")
+    raise AssertionError(f"Cannot import {dotted}")
+
+
+def test_marked_copies_match_their_originals():
+    copies = _copies()
+    # Both pairs of files share code: the PyramidNet files mark what they copy from the WideResNet ones.
+    marked_files = {location.split(":")[0] for location, *_ in copies}
+    assert marked_files == {"configuration_pyramidnet.py", "modeling_pyramidnet.py"}
+    for location, body, original, replacements in copies:
+        expected = _original_source(original)
+        for replacement in filter(None, replacements.split(",")):
+            old, new = replacement.split("->")
+            expected = expected.replace(old, new)
+        assert body == expected, f"{location} differs from {original}; copy the original again."
+
+
+@pytest.mark.parametrize("path", SHIPPED_FILES, ids=[path.name for path in SHIPPED_FILES])
+def test_shipped_model_files_stand_alone(path):
+    # Saved beside the weights, a modeling file can import only its configuration file; neither may cite other files.
+    source = path.read_text()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            assert node.level == 1 and node.module.startswith("configuration_"), f"{path.name}: {node.module}"
+    assert not re.search(r"\b[A-Z]+\.md\b", source)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import datasets
@@ -19,10 +20,10 @@ from local_hub import dead_endpoint
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
 EVALUATE = ROOT / "scripts" / "evaluate.py"
+# A short name and no optimizer flags: the run also shows the from-scratch defaults of the architecture table.
 QUICK = [
-    "--model", "wide_resnet", "--depth", "10", "--widen_factor", "1", "--dataset", "digits",
-    "--per_device_train_batch_size", "64", "--learning_rate", "0.1", "--use_cpu", "--disable_tqdm", "true",
-    "--logging_steps", "1",
+    "--model", "wrn-10-1", "--dataset", "digits", "--per_device_train_batch_size", "64", "--use_cpu",
+    "--disable_tqdm", "true", "--logging_steps", "1",
 ]  # fmt: skip
 
 
@@ -74,6 +75,11 @@ def test_run_writes_a_complete_publishable_model(trained_run):
 
     arguments = json.loads((output / "run_arguments.json").read_text())
     assert arguments["model"]["depth"] == 10 and arguments["training"]["sam_method"] == "aace"
+    assert arguments["model"]["model"] == "wrn-10-1" and arguments["model"]["widen_factor"] == 1
+    training = arguments["training"]
+    assert (training["optim"], training["learning_rate"], training["optim_args"]) == ("sgd", 0.1, "momentum=0.9")
+    assert training["lr_milestones"] == [0.3, 0.6, 0.8] and training["weight_decay"] == 5e-4
+    assert "Training wrn-10-1 from scratch: the paper's optimizer and schedule are the defaults" in result.stderr
 
     card = (output / "README.md").read_text()
     metadata = yaml.safe_load(card.split("---")[1])
@@ -137,6 +143,76 @@ def test_paper_recipe_and_explicit_flags_override_it(tmp_path):
     model_args, _, _, args = train.parse_arguments([str(config)])
     assert (model_args.depth, model_args.widen_factor, model_args.dropout_rate) == (28, 10, 0.0)
     assert args.per_device_train_batch_size == 256 and args.seed == 7
+
+
+def test_from_scratch_defaults_are_the_papers_optimizer_and_flags_win(tmp_path):
+    train = load_train_module()
+    paper = {"learning_rate": 0.1, "optim": "sgd", "optim_args": "momentum=0.9", "weight_decay": 5e-4,
+             "weight_decay_all_parameters": True, "lr_milestones": [0.3, 0.6, 0.8], "lr_gamma": 0.2,
+             "max_grad_norm": 0.0}  # fmt: skip
+    config = tmp_path / "run.json"
+    for model in ("wide_resnet", "pyramidnet", "wrn-16-8", "pyramidnet-110"):
+        config.write_text(json.dumps({"model": model, "output_dir": str(tmp_path), "num_train_epochs": 7}))
+        for argv in (["--model", model, "--output_dir", str(tmp_path), "--num_train_epochs", "7"], [str(config)]):
+            _, _, _, args = train.parse_arguments(argv)
+            assert {key: getattr(args, key) for key in paper} == paper, (model, argv)
+            assert args.num_train_epochs == 7 and args.per_device_train_batch_size == 8  # epochs and batch: the user's
+    _, _, _, args = train.parse_arguments(
+        ["--output_dir", str(tmp_path), "--learning_rate", "0.03", "--optim", "adamw_torch"]
+    )
+    assert (args.learning_rate, args.optim, args.lr_milestones) == (0.03, "adamw_torch", [0.3, 0.6, 0.8])
+
+    # Fine-tuning a checkpoint keeps the Trainer's defaults.
+    _, _, _, args = train.parse_arguments(["--model", "some/checkpoint", "--output_dir", str(tmp_path)])
+    assert (args.learning_rate, args.optim, args.lr_milestones, args.max_grad_norm) == (
+        5e-5,
+        "adamw_torch_fused",
+        None,
+        1.0,
+    )
+
+
+def test_short_model_names_set_the_size_and_conflicting_flags_are_refused(tmp_path):
+    train = load_train_module()
+    model_args, _, _, _ = train.parse_arguments(["--model", "wrn-16-8", "--output_dir", str(tmp_path)])
+    assert (model_args.depth, model_args.widen_factor) == (16, 8)
+    data = types.SimpleNamespace(num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={}, num_channels=1)
+    config = train.build_model(model_args, data).config
+    assert (config.model_type, config.depth, config.widen_factor, config.num_channels) == (
+        "aace_wide_resnet",
+        16,
+        8,
+        1,
+    )
+    model_args, _, _, _ = train.parse_arguments(["--model", "pyramidnet-20-48", "--output_dir", str(tmp_path)])
+    config = train.build_model(model_args, data).config
+    assert (config.model_type, config.depth, config.alpha, config.bottleneck) == ("aace_pyramidnet", 20, 48, False)
+    with pytest.raises(ValueError, match="--model wrn-16-8 means depth 16, but --depth is 28"):
+        train.parse_arguments(["--model", "wrn-16-8", "--depth", "28", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="wrn-DEPTH-WIDEN"):
+        train.parse_arguments(["--model", "wrn-27-10", "--output_dir", str(tmp_path)])
+    # The paper's recipe on a named size: the size is the name's, the rest the paper's.
+    model_args, _, _, args = train.parse_arguments(
+        ["--model", "wrn-16-8", "--recipe", "paper", "--output_dir", str(tmp_path)]
+    )
+    assert (model_args.depth, model_args.widen_factor, model_args.dropout_rate) == (16, 8, 0.0)
+    assert args.per_device_train_batch_size == 256 and args.num_train_epochs == 200
+
+
+def test_help_lists_every_argument_and_says_which_defaults_apply(capsys):
+    train = load_train_module()
+    with pytest.raises(SystemExit):
+        train.parse_arguments(["--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines at spaces and hyphens
+    for flag in ("--model", "--dataset", "--recipe", "--sam_method", "--learning_rate", "--label_noise"):
+        assert flag in text, flag
+    for sentence in (
+        "defaults to the paper's optimizer and schedule: learning_rate 0.1, optim sgd",
+        "Fine-tuning a checkpoint (--model PATH or Hub id) keeps the Trainer's defaults",
+        "wrn-28-10",
+        "fashion_mnist",
+    ):
+        assert "".join(sentence.split()) in text, sentence
 
 
 def test_recipe_rejects_models_it_does_not_cover(tmp_path):

@@ -18,6 +18,7 @@ Every image gets its own draws. Crop and flip are a single row gather on the uin
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.utils import logging
 
+from .presets import AugmentationSettings
+
 if TYPE_CHECKING:
     from .loading import ImageClassificationData
 
 logger = logging.get_logger(__name__)
-
-_SWITCHES = ("crop_padding", "flip", "cutout_size", "cutout_p")
 
 
 @dataclass
@@ -321,18 +322,20 @@ class BatchAugmentation:
 
 
 def augmentation_for(data: ImageClassificationData, seed: int = 0, **overrides: Any) -> BatchAugmentation:
-    """Builds the training augmentation of a loaded dataset: its preset's switches and its mean/std.
+    """Builds the training augmentation of a loaded dataset: its default settings and its mean/std.
 
     Args:
         data: the output of [`load_image_classification_dataset`].
         seed: seed of the random generators; pass `seed + process_index` in distributed training.
-        **overrides: any of `crop_padding`, `flip`, `cutout_size`, `cutout_p`, replacing the dataset's default.
+        **overrides: fields of [`AugmentationSettings`] (`crop_padding`, `flip`, `cutout_size`, `cutout_p`) replacing
+            the dataset's default.
 
     Returns:
         The configured [`BatchAugmentation`].
     """
-    unknown = sorted(set(overrides) - set(_SWITCHES))
+    names = [f.name for f in dataclasses.fields(AugmentationSettings)]
+    unknown = sorted(set(overrides) - set(names))
     if unknown:
-        raise ValueError(f"Unknown augmentation settings {unknown}; the settings are {list(_SWITCHES)}.")
-    settings = {**data.augmentation, **overrides}
-    return BatchAugmentation(data.mean, data.std, seed=seed, **settings)
+        raise ValueError(f"Unknown augmentation settings {unknown}; the settings are {names}.")
+    settings = dataclasses.replace(data.augmentation, **overrides)
+    return BatchAugmentation(data.mean, data.std, seed=seed, **settings.as_kwargs())

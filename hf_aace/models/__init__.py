@@ -3,16 +3,19 @@
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 from ..image_processing_aace import AACEImageProcessor
+from .architectures import ARCHITECTURES, OWN_MODEL_TYPES, Architecture, architecture_for, resolve_model
 from .pyramidnet import PyramidNetConfig, PyramidNetForImageClassification, PyramidNetModel
 from .wide_resnet import WideResNetConfig, WideResNetForImageClassification, WideResNetModel
 
 
 def _register() -> None:
-    for config_class, base_class, head_class in (
-        (WideResNetConfig, WideResNetModel, WideResNetForImageClassification),
-        (PyramidNetConfig, PyramidNetModel, PyramidNetForImageClassification),
-    ):
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    for architecture in ARCHITECTURES.values():
+        config_class, base_class, head_class = (
+            architecture.config_class,
+            architecture.base_model_class,
+            architecture.model_class,
+        )
+        AutoConfig.register(architecture.model_type, config_class, exist_ok=True)
         AutoModel.register(config_class, base_class, exist_ok=True)
         AutoModelForImageClassification.register(config_class, head_class, exist_ok=True)
         AutoImageProcessor.register(config_class, image_processor_classes={"pil": AACEImageProcessor}, exist_ok=True)
@@ -27,10 +30,15 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "ARCHITECTURES",
+    "OWN_MODEL_TYPES",
+    "Architecture",
     "PyramidNetConfig",
     "PyramidNetForImageClassification",
     "PyramidNetModel",
     "WideResNetConfig",
     "WideResNetForImageClassification",
     "WideResNetModel",
+    "architecture_for",
+    "resolve_model",
 ]

@@ -3,6 +3,17 @@
 from transformers import PretrainedConfig
 
 
+# Copied from hf_aace.models.wide_resnet.configuration_wide_resnet.check_input_and_head
+def check_input_and_head(num_channels: int, pooling_size: int | None, label_smoothing: float) -> None:
+    """Raises a ValueError for an input stem, pooling window or classification loss the network cannot have."""
+    if num_channels not in (1, 3):
+        raise ValueError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels!r}.")
+    if pooling_size is not None and (not isinstance(pooling_size, int) or pooling_size < 1):
+        raise ValueError(f"pooling_size must be None (global pooling) or a positive integer, got {pooling_size!r}.")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}.")
+
+
 class PyramidNetConfig(PretrainedConfig):
     r"""Configuration of a [`PyramidNetForImageClassification`]: the CIFAR PyramidNet (Han et al. 2017) of the AACE
     paper's code, whose width grows by `alpha / (3n)` channels per residual unit.
@@ -50,14 +61,7 @@ class PyramidNetConfig(PretrainedConfig):
             raise ValueError(f"depth must be {per_unit}n + 2 with n >= 1 for {kind}; got {depth!r}.")
         if not isinstance(alpha, int) or alpha < 1:
             raise ValueError(f"alpha must be a positive integer, got {alpha!r}.")
-        if num_channels not in (1, 3):
-            raise ValueError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels!r}.")
-        if pooling_size is not None and (not isinstance(pooling_size, int) or pooling_size < 1):
-            raise ValueError(
-                f"pooling_size must be None (global pooling) or a positive integer, got {pooling_size!r}."
-            )
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}.")
+        check_input_and_head(num_channels, pooling_size, label_smoothing)
         self.depth = depth
         self.alpha = alpha
         self.bottleneck = bottleneck

@@ -95,6 +95,7 @@ class PyramidNetStage(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.out_channels = in_channels
 
+    # Copied from hf_aace.models.wide_resnet.modeling_wide_resnet.WideResNetStage.forward
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             hidden_state = layer(hidden_state)
@@ -113,6 +114,7 @@ class PyramidNetEncoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.out_channels = in_channels
 
+    # Copied from hf_aace.models.wide_resnet.modeling_wide_resnet.WideResNetEncoder.forward
     def forward(self, hidden_state: torch.Tensor, output_hidden_states: bool = False):
         hidden_states = (hidden_state,) if output_hidden_states else None
         for stage in self.stages:
@@ -122,13 +124,23 @@ class PyramidNetEncoder(nn.Module):
         return hidden_state, hidden_states
 
 
+# Copied from hf_aace.models.wide_resnet.modeling_wide_resnet.init_batch_norm
+def init_batch_norm(module: nn.BatchNorm2d) -> None:
+    """Resets a BatchNorm layer to the identity: unit scale, zero shift and fresh running statistics."""
+    init.ones_(module.weight)
+    init.zeros_(module.bias)
+    init.zeros_(module.running_mean)
+    init.ones_(module.running_var)
+    init.zeros_(module.num_batches_tracked)
+
+
 class PyramidNetPreTrainedModel(PreTrainedModel):
     config_class = PyramidNetConfig
     config: PyramidNetConfig
     base_model_prefix = "pyramidnet"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    # The Trainer must divide losses by the accumulation steps itself (see STACK.md: models taking **kwargs).
+    # The loss is a batch mean that ignores num_items_in_batch, so the Trainer must scale it for accumulation.
     accepts_loss_kwargs = False
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -138,11 +150,7 @@ class PyramidNetPreTrainedModel(PreTrainedModel):
             fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
             init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
         elif isinstance(module, nn.BatchNorm2d):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-            init.zeros_(module.running_mean)
-            init.ones_(module.running_var)
-            init.zeros_(module.num_batches_tracked)
+            init_batch_norm(module)
         elif isinstance(module, nn.Linear):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             bound = 1 / math.sqrt(module.in_features)
@@ -158,6 +166,7 @@ class PyramidNetModel(PyramidNetPreTrainedModel):
         self.pooler = nn.AvgPool2d(config.pooling_size) if config.pooling_size else nn.AdaptiveAvgPool2d(1)
         self.post_init()
 
+    # Copied from hf_aace.models.wide_resnet.modeling_wide_resnet.WideResNetModel.forward
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -194,6 +203,7 @@ class PyramidNetForImageClassification(PyramidNetPreTrainedModel):
         self.classifier = nn.Linear(self.pyramidnet.encoder.out_channels, config.num_labels)
         self.post_init()
 
+    # Copied from hf_aace.models.wide_resnet.modeling_wide_resnet.WideResNetForImageClassification.forward
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -207,7 +217,7 @@ class PyramidNetForImageClassification(PyramidNetPreTrainedModel):
             (with `config.label_smoothing`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.pyramidnet(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = self.base_model(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:

@@ -3,6 +3,16 @@
 from transformers import PretrainedConfig
 
 
+def check_input_and_head(num_channels: int, pooling_size: int | None, label_smoothing: float) -> None:
+    """Raises a ValueError for an input stem, pooling window or classification loss the network cannot have."""
+    if num_channels not in (1, 3):
+        raise ValueError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels!r}.")
+    if pooling_size is not None and (not isinstance(pooling_size, int) or pooling_size < 1):
+        raise ValueError(f"pooling_size must be None (global pooling) or a positive integer, got {pooling_size!r}.")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}.")
+
+
 class WideResNetConfig(PretrainedConfig):
     r"""Configuration of a [`WideResNetForImageClassification`]: the pre-activation WideResNet of the AACE paper's
     code (Zagoruyko & Komodakis 2016, as in the widely used SAM example), 3 stages of widths 16k, 32k and 64k.
@@ -49,14 +59,7 @@ class WideResNetConfig(PretrainedConfig):
             raise ValueError(f"widen_factor must be a positive integer, got {widen_factor!r}.")
         if not 0.0 <= dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must lie in [0, 1), got {dropout_rate!r}.")
-        if num_channels not in (1, 3):
-            raise ValueError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels!r}.")
-        if pooling_size is not None and (not isinstance(pooling_size, int) or pooling_size < 1):
-            raise ValueError(
-                f"pooling_size must be None (global pooling) or a positive integer, got {pooling_size!r}."
-            )
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}.")
+        check_input_and_head(num_channels, pooling_size, label_smoothing)
         self.depth = depth
         self.widen_factor = widen_factor
         self.dropout_rate = dropout_rate

@@ -78,13 +78,22 @@ class WideResNetEncoder(nn.Module):
         return hidden_state, hidden_states
 
 
+def init_batch_norm(module: nn.BatchNorm2d) -> None:
+    """Resets a BatchNorm layer to the identity: unit scale, zero shift and fresh running statistics."""
+    init.ones_(module.weight)
+    init.zeros_(module.bias)
+    init.zeros_(module.running_mean)
+    init.ones_(module.running_var)
+    init.zeros_(module.num_batches_tracked)
+
+
 class WideResNetPreTrainedModel(PreTrainedModel):
     config_class = WideResNetConfig
     config: WideResNetConfig
     base_model_prefix = "wide_resnet"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    # The Trainer must divide losses by the accumulation steps itself (see STACK.md: models taking **kwargs).
+    # The loss is a batch mean that ignores num_items_in_batch, so the Trainer must scale it for accumulation.
     accepts_loss_kwargs = False
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -92,11 +101,7 @@ class WideResNetPreTrainedModel(PreTrainedModel):
         if isinstance(module, nn.Conv2d):
             init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
         elif isinstance(module, nn.BatchNorm2d):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-            init.zeros_(module.running_mean)
-            init.ones_(module.running_var)
-            init.zeros_(module.num_batches_tracked)
+            init_batch_norm(module)
         elif isinstance(module, nn.Linear):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
@@ -160,7 +165,7 @@ class WideResNetForImageClassification(WideResNetPreTrainedModel):
             (with `config.label_smoothing`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.wide_resnet(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = self.base_model(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:

@@ -1,0 +1,75 @@
+"""The command-line arguments choosing a dataset, shared by the training and evaluation scripts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .loading import ImageClassificationData, load_image_classification_dataset
+from .presets import DIGITS_ID, PRESETS
+
+
+def _dataset_help() -> str:
+    presets = []
+    for preset in PRESETS.values():
+        origin = "scikit-learn's 8x8 digits, offline" if preset.hub_id == DIGITS_ID else preset.hub_id
+        aliases = f"; also {', '.join(preset.aliases)}" if preset.aliases else ""
+        presets.append(f"{preset.name} ({origin}{aliases})")
+    return f"A preset: {', '.join(presets)}; or a Hub dataset id or a local directory in the Hub layout."
+
+
+@dataclass
+class DatasetArguments:
+    """Which dataset to load and from where, as `transformers.HfArgumentParser` reads it from the command line.
+
+    Subclass it to add a script's own data options; [`~DatasetArguments.load`] loads the chosen dataset.
+
+    Attributes:
+        dataset: a preset name or alias, a Hub dataset id or a local directory.
+        dataset_source: where to load a preset's files from instead of its Hub id.
+        image_column: the image column of a non-preset dataset.
+        label_column: the label column of a non-preset dataset.
+        coarse_labels: use CIFAR-100's 20 superclasses as labels.
+        cache_dir: directory of the decoded-dataset cache (default `$HF_HOME/hf_aace`).
+    """
+
+    dataset: str = field(default="digits", metadata={"help": _dataset_help()})
+    dataset_source: str | None = field(
+        default=None, metadata={"help": "Load a preset's files from this local directory or Hub id instead."}
+    )
+    image_column: str | None = field(default=None, metadata={"help": "Image column of a non-preset dataset."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column of a non-preset dataset."})
+    coarse_labels: bool = field(default=False, metadata={"help": "CIFAR-100: train on the 20 superclasses."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache of decoded datasets."})
+
+    def load(
+        self,
+        *,
+        image_size: int | tuple[int, int] | None = None,
+        pad_to_square: bool | None = None,
+        num_channels: int | None = None,
+        show_progress: bool = True,
+    ) -> ImageClassificationData:
+        """Loads the chosen dataset with [`load_image_classification_dataset`].
+
+        Args:
+            image_size: resize every image to this `(height, width)` (or `size` x `size`); None: the preset's or
+                stored size.
+            pad_to_square: pad images to a centred square before resizing; None: the preset's choice.
+            num_channels: 1 or 3; None: the preset's or detected number of channels.
+            show_progress: show progress bars while decoding (pass False on all but the main process).
+
+        Returns:
+            The loaded [`ImageClassificationData`].
+        """
+        return load_image_classification_dataset(
+            self.dataset,
+            source=self.dataset_source,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            coarse_labels=self.coarse_labels,
+            image_size=image_size,
+            pad_to_square=pad_to_square,
+            num_channels=num_channels,
+            cache_dir=self.cache_dir,
+            show_progress=show_progress,
+        )
