@@ -12,7 +12,9 @@ import logging
 import math
 import os
 import sys
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass, replace
+from typing import Any
 
 import transformers
 from transformers import AutoModelForImageClassification, HfArgumentParser, set_seed
@@ -40,22 +42,41 @@ logger = logging.getLogger(__name__)
 _NAMED_SIZES = ", ".join(name for architecture in ARCHITECTURES.values() for name in architecture.variants)
 
 
-@dataclass
-class ModelArguments:
-    model: str = field(
-        default="wide_resnet",
-        metadata={
-            "help": f"An architecture to train from scratch: {' or '.join(ARCHITECTURES)} (sizes from the flags "
-            f"below), a named size ({_NAMED_SIZES}), wrn-DEPTH-WIDEN or pyramidnet-DEPTH-ALPHA[-bottleneck]; or a "
-            "local path or Hub id of a checkpoint to fine-tune."
-        },
-    )
-    depth: int | None = field(default=None, metadata={"help": "Depth (WideResNet 6n+4; PyramidNet 6n+2 or 9n+2)."})
-    widen_factor: int | None = field(default=None, metadata={"help": "WideResNet width multiplier k."})
-    alpha: int | None = field(default=None, metadata={"help": "PyramidNet widening alpha."})
-    bottleneck: bool | None = field(default=None, metadata={"help": "PyramidNet bottleneck units."})
-    dropout_rate: float | None = field(default=None, metadata={"help": "WideResNet dropout between convolutions."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code of a Hub checkpoint."})
+def _size_fields() -> list[tuple[str, Any, Any]]:
+    """One optional flag per size keyword of the architecture table, typed as the config's signature types it."""
+    helps: dict[str, list[str]] = {}
+    types: dict[str, Any] = {}
+    for architecture in ARCHITECTURES.values():
+        hints = typing.get_type_hints(architecture.config_class.__init__)
+        for name, text in architecture.cli_fields.items():
+            helps.setdefault(name, []).append(text)
+            types[name] = hints[name]
+    return [
+        (name, types[name] | None, field(default=None, metadata={"help": "; ".join(texts) + "."}))
+        for name, texts in helps.items()
+    ]
+
+
+# The size flags come from the architecture table, so that a new architecture needs no edit here.
+ModelArguments = make_dataclass(
+    "ModelArguments",
+    [
+        (
+            "model",
+            str,
+            field(
+                default="wide_resnet",
+                metadata={
+                    "help": f"An architecture to train from scratch: {' or '.join(ARCHITECTURES)} (sizes from the "
+                    f"flags below), a named size ({_NAMED_SIZES}), wrn-DEPTH-WIDEN or "
+                    "pyramidnet-DEPTH-ALPHA[-bottleneck]; or a local path or Hub id of a checkpoint to fine-tune."
+                },
+            ),
+        ),
+        *_size_fields(),
+        ("trust_remote_code", bool, field(default=False, metadata={"help": "Allow remote code of a Hub checkpoint."})),
+    ],
+)
 
 
 @dataclass
@@ -158,7 +179,7 @@ def model_defaults(model: str, recipe: str | None, world_size: int) -> dict:
     return {**PAPER_TRAINING, **resolved[1]}
 
 
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, RecipeArguments, AACETrainingArguments]:
+def parse_arguments(argv: list[str]) -> tuple[Any, DataArguments, RecipeArguments, AACETrainingArguments]:
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, RecipeArguments, AACETrainingArguments), description=DESCRIPTION
     )
@@ -181,7 +202,7 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Rec
     return arguments
 
 
-def check_model_size(model_args: ModelArguments) -> None:
+def check_model_size(model_args) -> None:
     """Refuses size flags that contradict a short model name (`--model wrn-28-10 --depth 16`)."""
     resolved = resolve_model(model_args.model)
     if resolved is None:
@@ -195,7 +216,7 @@ def check_model_size(model_args: ModelArguments) -> None:
             )
 
 
-def build_model(model_args: ModelArguments, data):
+def build_model(model_args, data):
     labels = {"num_labels": data.num_labels, "id2label": data.id2label, "label2id": data.label2id}
     resolved = resolve_model(model_args.model)
     if resolved is not None:
@@ -208,7 +229,7 @@ def build_model(model_args: ModelArguments, data):
     )
 
 
-def log_training_defaults(model_args: ModelArguments, recipe_args: RecipeArguments, training_args) -> None:
+def log_training_defaults(model_args, recipe_args: RecipeArguments, training_args) -> None:
     """Says which optimizer and schedule defaults this run took, and which of them flags replaced."""
     if recipe_args.recipe == "paper":
         logger.info("--recipe paper: the paper's settings apply where no flag replaced them.")

@@ -1,5 +1,6 @@
 """End-to-end tests of scripts/train.py and scripts/evaluate.py, with the Hub served on 127.0.0.1."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -13,6 +14,9 @@ import datasets
 import numpy as np
 import pytest
 import yaml
+from transformers import HfArgumentParser
+
+from hf_aace.models.architectures import ARCHITECTURES
 
 from hub_datasets import encode, write_hub_dataset
 from local_hub import dead_endpoint
@@ -187,6 +191,16 @@ def test_short_model_names_set_the_size_and_conflicting_flags_are_refused(tmp_pa
     model_args, _, _, _ = train.parse_arguments(["--model", "pyramidnet-20-48", "--output_dir", str(tmp_path)])
     config = train.build_model(model_args, data).config
     assert (config.model_type, config.depth, config.alpha, config.bottleneck) == ("aace_pyramidnet", 20, 48, False)
+    # The size flags are the architecture table's.
+    flags = {field.name: field.type for field in dataclasses.fields(train.ModelArguments)}
+    help_text = HfArgumentParser(train.ModelArguments).format_help()
+    for architecture in ARCHITECTURES.values():
+        for name in architecture.cli_fields:
+            assert name in flags and f"--{name}" in help_text, name
+    model_args, _, _, _ = train.parse_arguments(
+        ["--model", "pyramidnet", "--bottleneck", "true", "--depth", "11", "--output_dir", str(tmp_path)]
+    )
+    assert model_args.bottleneck is True and model_args.depth == 11 and model_args.dropout_rate is None
     with pytest.raises(ValueError, match="--model wrn-16-8 means depth 16, but --depth is 28"):
         train.parse_arguments(["--model", "wrn-16-8", "--depth", "28", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="wrn-DEPTH-WIDEN"):

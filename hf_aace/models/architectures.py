@@ -52,7 +52,8 @@ class Architecture:
         config_class: the configuration class.
         base_model_class: the model without the classification head.
         model_class: the image classifier (`...ForImageClassification`).
-        cli_fields: the config keywords the training script exposes as flags.
+        cli_fields: the config keywords the training script exposes as flags (typed as the config's signature types
+            them), each with its help text.
         variants: named sizes (`"wrn-28-10"` -> `{"depth": 28, "widen_factor": 10}`).
         paper_variant: the variant the paper trains.
         paper_batch_size: the paper's global batch size for this architecture.
@@ -72,7 +73,7 @@ class Architecture:
     config_class: type[PretrainedConfig]
     base_model_class: type[PreTrainedModel]
     model_class: type[PreTrainedModel]
-    cli_fields: tuple[str, ...]
+    cli_fields: Mapping[str, str]
     variants: Mapping[str, Mapping[str, Any]]
     paper_variant: str
     paper_batch_size: int
@@ -126,7 +127,13 @@ ARCHITECTURES: dict[str, Architecture] = {
             config_class=WideResNetConfig,
             base_model_class=WideResNetModel,
             model_class=WideResNetForImageClassification,
-            cli_fields=("depth", "widen_factor", "dropout_rate"),
+            cli_fields=MappingProxyType(
+                {
+                    "depth": "WideResNet: 6n + 4 (n units per stage)",
+                    "widen_factor": "WideResNet: width multiplier k",
+                    "dropout_rate": "WideResNet: dropout between the two convolutions of a unit",
+                }
+            ),
             variants=MappingProxyType(
                 {
                     "wrn-28-10": {"depth": 28, "widen_factor": 10},  # the paper's
@@ -152,7 +159,13 @@ ARCHITECTURES: dict[str, Architecture] = {
             config_class=PyramidNetConfig,
             base_model_class=PyramidNetModel,
             model_class=PyramidNetForImageClassification,
-            cli_fields=("depth", "alpha", "bottleneck"),
+            cli_fields=MappingProxyType(
+                {
+                    "depth": "PyramidNet: 6n + 2 (basic units) or 9n + 2 (bottleneck units)",
+                    "alpha": "PyramidNet: total widening over the network",
+                    "bottleneck": "PyramidNet: bottleneck units instead of basic ones",
+                }
+            ),
             variants=MappingProxyType(
                 {
                     "pyramidnet-272": {"depth": 272, "alpha": 200, "bottleneck": False},  # the paper's
