@@ -19,6 +19,12 @@ class AACETrainingArguments(TrainingArguments):
     when read (`perturbation_rho`, `perturbation_normalized`), so arguments copied with another `sam_method`, or a
     hyperparameter search over it, take the new method's defaults; explicit values always win.
 
+    It also holds the paper's recipe settings that the Trainer itself carries out (`weight_decay_all_parameters` for
+    the optimizer's parameter groups, `lr_milestones`/`lr_gamma` for the scheduler, `channels_last` for the memory
+    format): they change how the Trainer builds its optimizer, scheduler and batches, as the Trainer's own arguments
+    do, so they sit beside them and work as CLI flags. `ImageBatchTrainer` reads `channels_last` where the arguments
+    have it.
+
     Example:
     ```python
     >>> from hf_aace import AACETrainingArguments

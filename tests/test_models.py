@@ -1,5 +1,4 @@
 import ast
-import importlib
 import inspect
 import re
 import subprocess
@@ -371,48 +370,6 @@ def test_display_name_of_other_models_is_the_class_name():
 MODELS = REPO_ROOT / "hf_aace" / "models"
 # The files that ship with every saved model, so that it loads with trust_remote_code=True without hf_aace.
 SHIPPED_FILES = sorted([*MODELS.glob("*/modeling_*.py"), *MODELS.glob("*/configuration_*.py")])
-COPIED_FROM = re.compile(r"^\s*# Copied from ([\w.]+)(?: with (\S+))?$")
-
-
-def _copies() -> list[tuple[str, str, str, str]]:
-    """(file:line, source of the marked object, name of the original, replacements) for each `# Copied from`."""
-    copies = []
-    for path in SHIPPED_FILES:
-        source = path.read_text()
-        lines = source.splitlines()
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and (
-                marker := COPIED_FROM.match(lines[node.lineno - 2])
-            ):
-                body = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno]))
-                copies.append((f"{path.name}:{node.lineno}", body, marker.group(1), marker.group(2) or ""))
-    return copies
-
-
-def _original_source(dotted: str) -> str:
-    parts = dotted.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        try:
-            target = importlib.import_module(".".join(parts[:split]))
-        except ModuleNotFoundError:
-            continue
-        for attribute in parts[split:]:
-            target = getattr(target, attribute)
-        return textwrap.dedent(inspect.getsource(target)).rstrip("\n")
-    raise AssertionError(f"Cannot import {dotted}")
-
-
-def test_marked_copies_match_their_originals():
-    copies = _copies()
-    # Both pairs of files share code: the PyramidNet files mark what they copy from the WideResNet ones.
-    marked_files = {location.split(":")[0] for location, *_ in copies}
-    assert marked_files == {"configuration_pyramidnet.py", "modeling_pyramidnet.py"}
-    for location, body, original, replacements in copies:
-        expected = _original_source(original)
-        for replacement in filter(None, replacements.split(",")):
-            old, new = replacement.split("->")
-            expected = expected.replace(old, new)
-        assert body == expected, f"{location} differs from {original}; copy the original again."
 
 
 @pytest.mark.parametrize("path", SHIPPED_FILES, ids=[path.name for path in SHIPPED_FILES])
