@@ -176,13 +176,28 @@ def test_generic_augmentation_scales_the_cifar_recipe():
 
 def test_bad_inputs():
     augmentation = cifar_augmentation()
-    with pytest.raises(ValueError, match="uint8"):
+    # The message describes what was passed: dtype and shape, or the object itself.
+    with pytest.raises(ValueError, match=r"uint8 tensor, got torch.float32 tensor of shape \(16, 3, 32, 32\)"):
         augmentation(random_batch().float())
+    with pytest.raises(ValueError, match=r"uint8 tensor, got \[1, 2\]"):
+        augmentation.normalize([1, 2])
     with pytest.raises(ValueError, match="channels"):
         augmentation(random_batch(channels=1))
     with pytest.raises(ValueError, match="one value per channel"):
         BatchAugmentation((0.5,), (0.2, 0.2))
-    with pytest.raises(ValueError, match="crop_padding"):
-        BatchAugmentation(MEAN, STD, crop_padding=-1)
+    for std in ((0.2, 0.0, 0.2), (0.2, -0.1, 0.2)):  # zero too: dividing by it gives infinities
+        with pytest.raises(ValueError, match="std must be positive"):
+            BatchAugmentation(MEAN, std)
+    # Sizes are non-negative whole pixels: negative, fractional and boolean values are refused by name.
+    for name in ("crop_padding", "cutout_size"):
+        for value in (-1, 1.5, True):
+            with pytest.raises(ValueError, match=f"{name} must be a non-negative int"):
+                BatchAugmentation(MEAN, STD, **{name: value})
     with pytest.raises(ValueError, match="cutout_p"):
         BatchAugmentation(MEAN, STD, cutout_size=4, cutout_p=1.5)
+
+
+def test_repr_names_every_setting():
+    assert repr(cifar_augmentation(seed=3)) == (
+        f"BatchAugmentation(mean={MEAN}, std={STD}, crop_padding=4, flip=True, cutout_size=16, cutout_p=0.5, seed=3)"
+    )

@@ -1,6 +1,7 @@
 """Tests of hf_aace.data's loading: presets, column detection, decoding, validation and the tensor cache (offline)."""
 
 import io
+import json
 import logging
 from dataclasses import dataclass, field, fields
 
@@ -10,6 +11,7 @@ import PIL.ExifTags
 import PIL.Image
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import HfArgumentParser, default_data_collator
 from transformers.utils import logging as transformers_logging
 
@@ -22,6 +24,7 @@ from hf_aace.data import (
     decoding,
     get_preset,
     load_image_classification_dataset,
+    splits,
 )
 from hf_aace.image_processing_aace import prepare_image
 
@@ -171,7 +174,8 @@ def test_digits_end_to_end_and_cache_hit(tmp_path, monkeypatch):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    data = load_image_classification_dataset("digits", cache_dir=tmp_path)
+    cache_dir = tmp_path / "not" / "yet" / "made"  # created with its parents
+    data = load_image_classification_dataset("digits", cache_dir=cache_dir)
 
     assert data.train.images.shape == (1437, 1, 8, 8) and data.test.images.shape == (360, 1, 8, 8)
     assert data.train.images.dtype == torch.uint8 and data.train.labels.dtype == torch.int64
@@ -193,12 +197,31 @@ def test_digits_end_to_end_and_cache_hit(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
+    # The file says which settings it holds, for whoever finds it in the cache directory.
+    (cache_file,) = cache_dir.glob("*.safetensors")
+    with safe_open(cache_file, framework="pt") as cache:
+        key = json.loads(cache.metadata()["key"])
+    assert key["source"] == "sklearn.datasets.load_digits" and key["image_size"] == [8, 8] and key["format"] >= 1
+
     monkeypatch.setattr(decoding, "decode_images", fail)
-    again = load_image_classification_dataset("digits", cache_dir=tmp_path)
+    again = load_image_classification_dataset("digits", cache_dir=cache_dir)
     assert torch.equal(again.train.images, data.train.images) and torch.equal(again.test.labels, data.test.labels)
     assert again.mean == data.mean and again.label_names == data.label_names
     with pytest.raises(AssertionError, match="decoded again"):
-        load_image_classification_dataset("digits", cache_dir=tmp_path, image_size=16)
+        load_image_classification_dataset("digits", cache_dir=cache_dir, image_size=16)
+
+
+def test_the_revision_reaches_datasets(tmp_path, monkeypatch):
+    requested = {}
+
+    def load_dataset(location, **kwargs):
+        requested.update(location=location, **kwargs)
+        raise ConnectionError("stop here")
+
+    monkeypatch.setattr(splits.datasets, "load_dataset", load_dataset)
+    with pytest.raises(ConnectionError, match="stop here"):
+        load_image_classification_dataset("cifar10", revision="v1.2", cache_dir=tmp_path)
+    assert requested == {"location": "uoft-cs/cifar10", "revision": "v1.2"}
 
 
 def test_split_serves_trainer_batches(tmp_path):

@@ -341,6 +341,9 @@ def test_bad_arguments_raise_value_error(tmp_path, overrides, message):
 def test_method_defaults(tmp_path, method, rho, normalize):
     args = make_args(tmp_path, sam_method=method)
     assert (args.perturbation_rho, args.perturbation_normalized) == (rho, normalize)
+    # Saved run records and cards show the values used, not the unset fields.
+    assert (args.to_dict()["rho"], args.to_dict()["normalize_perturbation"]) == (rho, normalize)
+    assert (args.rho, args.normalize_perturbation) == (None, None)
 
 
 def test_cli_flags_through_hf_argument_parser(tmp_path):
