@@ -14,6 +14,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+import torch
 from accelerate import PartialState
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -63,6 +64,7 @@ def main(argv: list[str]) -> int:
             output_dir=output_dir,
             per_device_eval_batch_size=args.batch_size,
             use_cpu=args.use_cpu,
+            dataloader_pin_memory=not args.use_cpu and torch.accelerator.is_available(),
             bf16=args.bf16,
             report_to="none",
             remove_unused_columns=False,
