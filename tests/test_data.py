@@ -266,6 +266,63 @@ def test_generic_dataset_detects_columns_and_uses_validation(tmp_path):
     assert data.augmentation == AugmentationSettings.scaled_to((6, 5))
 
 
+def test_column_errors_say_what_to_pass(tmp_path):
+    rng = np.random.default_rng(5)
+    pictures = [encode(a) for a in random_images(rng, 2, (4, 4))]
+
+    def load(name, features, rows, **kwargs):
+        source = write_hub_dataset(tmp_path / name, datasets.Features(features), {"train": rows, "test": rows})
+        return load_image_classification_dataset(str(source), cache_dir=tmp_path / "cache", **kwargs)
+
+    two_images = {"a": datasets.Image(), "b": datasets.Image(), "y": class_label(2)}
+    listing = "{'a': 'Image', 'b': 'Image', 'y': 'ClassLabel'}"
+    with pytest.raises(ValueError) as error:
+        load("two", two_images, {"a": pictures, "b": pictures, "y": [0, 1]})
+    assert str(error.value) == (
+        "Found 2 (['a', 'b']) Image columns, so the image column is ambiguous; the columns are "
+        f"{listing}: pass image_column= naming the one to use."
+    )
+    with pytest.raises(ValueError) as error:
+        load("two", two_images, {"a": pictures, "b": pictures, "y": [0, 1]}, image_column="c")
+    assert str(error.value) == f"Column 'c' not found; the columns are {listing}: pass image_column= one of them."
+    unlabelled = {"a": datasets.Image(), "y": datasets.Value("string")}
+    with pytest.raises(ValueError, match="^Found no ClassLabel columns, so the label column is ambiguous"):
+        load("strings", unlabelled, {"a": pictures, "y": ["0", "1"]})
+    with pytest.raises(ValueError, match="^Column 'y' is Value.*labels must be a ClassLabel or integer column"):
+        load("strings", unlabelled, {"a": pictures, "y": ["0", "1"]}, label_column="y")
+    with pytest.raises(ValueError, match=r"^Column 'y' is Value\('string'\), not an Image column"):
+        load("strings", unlabelled, {"a": pictures, "y": ["0", "1"]}, image_column="y", label_column="a")
+    # Unsigned integer labels are labels too.
+    data = load(
+        "uint", {"a": datasets.Image(), "y": datasets.Value("uint8")}, {"a": pictures, "y": [1, 0]}, label_column="y"
+    )
+    assert data.train.labels.tolist() == [1, 0] and data.label_names == ["0", "1"]
+    # A preset's files without its columns: load them as a plain dataset instead.
+    source = write_hub_dataset(
+        tmp_path / "other",
+        datasets.Features(two_images),
+        {"train": {"a": pictures, "b": pictures, "y": [0, 1]}, "test": {"a": pictures, "b": pictures, "y": [0, 1]}},
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"\}: the preset expects its Hub layout; pass the directory or id as `name` instead to detect",
+    ):
+        load_image_classification_dataset("cifar10", source=str(source), cache_dir=tmp_path / "cache")
+    # An evaluation split without the training split's label column, or with another image feature.
+    train = datasets.Dataset.from_dict(
+        {"a": pictures, "y": [0, 1]}, features=datasets.Features({"a": datasets.Image(), "y": class_label(2)})
+    )
+    for test in (
+        datasets.Dataset.from_dict({"a": pictures}, features=datasets.Features({"a": datasets.Image()})),
+        datasets.Dataset.from_dict(
+            {"a": pictures, "y": [0, 1]},
+            features=datasets.Features({"a": datasets.Image(decode=False), "y": class_label(2)}),
+        ),
+    ):
+        with pytest.raises(ValueError, match="^The 'test' split of 'here' lacks the columns 'a' / 'y' of the train"):
+            splits.select_columns(train, test, "test", "here", (None, None), is_preset=False)
+
+
 def test_integer_label_column_by_name(tmp_path):
     rng = np.random.default_rng(5)
     features = datasets.Features({"a": datasets.Image(), "b": datasets.Image(), "y": datasets.Value("int64")})

@@ -105,6 +105,9 @@ def test_pickled_training_arguments_hold_no_token(tmp_path):
     torch.save(args, buffer)
     assert args.hub_token == SECRET  # the live arguments keep it for the upload
     assert SECRET.encode() not in buffer.getvalue()
+    # Loaded back, the arguments have no token at all, so an upload falls back to the saved login or HF_TOKEN.
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False).hub_token is None
 
 
 def test_metrics_files_are_strict_json_and_train_loss_covers_the_run(pushed_run):
