@@ -154,6 +154,7 @@ def test_converted_model_gives_the_reference_logits(case, tmp_path):
     else:
         assert (config.alpha, config.bottleneck) == (kwargs["alpha"], kwargs.get("bottleneck", False))
     assert config.id2label[0] == get_preset(dataset).label_names[0]
+    assert config.label2id == {name: index for index, name in enumerate(get_preset(dataset).label_names)}
     pixels = _inputs(dataset, side)
     with torch.no_grad():
         expected = reference(pixels)
@@ -205,8 +206,28 @@ def test_unknown_or_unconvertible_dataset_lists_the_convertible_presets(small_re
         with pytest.raises(ValueError, match=rf"Unknown dataset '{dataset}'; pass one of") as error:
             convert_reference_checkpoint(small_reference.state_dict(), dataset)
         assert "'fashion_mnist'" in str(error.value) and "'fashionmnist'" in str(error.value)
+        # Only the datasets whose checkpoints convert are suggested.
+        assert "pass one of ['cifar10', 'cifar100', 'fashion_mnist', 'food101'] (or an alias" in str(error.value)
     with pytest.raises(ValueError, match="Unknown dataset"):
         reference_image_processor("digits")
+
+
+def test_a_missing_or_misshapen_size_tensor_is_named(small_reference):
+    state_dict = dict(small_reference.state_dict())
+    del state_dict["f.8_classification.weight"]
+    with pytest.raises(
+        ValueError,
+        match=r"^Cannot infer the wide_resnet size: 'f.8_classification.weight' should be a 2-d tensor, found "
+        "missing",
+    ):
+        convert_reference_checkpoint(state_dict, "cifar10")
+    state_dict = dict(small_reference.state_dict(), **{"f.0_convolution.weight": torch.zeros(16, 3)})
+    with pytest.raises(
+        ValueError,
+        match=r"^Cannot infer the wide_resnet size: 'f.0_convolution.weight' should be a 4-d tensor, found "
+        r"\(16, 3\)",
+    ):
+        convert_reference_checkpoint(state_dict, "cifar10")
 
 
 def test_infer_architecture_recognises_each_reference_layout():

@@ -263,6 +263,7 @@ def test_own_model_types_come_from_the_table():
     assert OWN_MODEL_TYPES == ("aace_wide_resnet", "aace_pyramidnet")
     assert HUB_OWN_MODEL_TYPES == OWN_MODEL_TYPES
     assert architecture_for(ResNetConfig()) is None and architecture_for("resnet") is None
+    assert architecture_for(object()) is None  # anything without a model_type is not one of ours
 
 
 def test_paper_training_defaults_are_training_arguments():
