@@ -17,18 +17,7 @@ from hf_aace.checkpoints import (
     mean_training_loss,
 )
 
-
-class TensorDataset(torch.utils.data.Dataset):
-    def __init__(self, n: int = 48, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        self.pixel_values = torch.randn(n, 3, 8, 8, generator=generator)
-        self.labels = torch.randint(0, 3, (n,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
+from test_trainer import make_dataset
 
 
 def train(output_dir, resume_from_checkpoint=None, **overrides):
@@ -51,7 +40,7 @@ def train(output_dir, resume_from_checkpoint=None, **overrides):
     trainer = Trainer(
         model=model,
         args=TrainingArguments(**{**settings, **overrides}),
-        train_dataset=TensorDataset(),
+        train_dataset=make_dataset(48),
         callbacks=[LogAtCheckpointsCallback()],
     )
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)

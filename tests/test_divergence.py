@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_checkpoints import TensorDataset
 from transformers import Trainer, TrainingArguments
 
 from hf_aace import WideResNetConfig, WideResNetForImageClassification
 from hf_aace.divergence import DivergenceCallback, TrainingDivergedError, first_non_finite_tensor
+
+from test_trainer import make_dataset
 
 
 def trainer(output_dir, learning_rate: float) -> Trainer:
@@ -30,7 +31,7 @@ def trainer(output_dir, learning_rate: float) -> Trainer:
         disable_tqdm=True,
         seed=0,
     )
-    return Trainer(model=model, args=args, train_dataset=TensorDataset(), callbacks=[DivergenceCallback()])
+    return Trainer(model=model, args=args, train_dataset=make_dataset(48), callbacks=[DivergenceCallback()])
 
 
 def test_divergence_stops_training_before_anything_non_finite_is_logged_or_saved(tmp_path):

@@ -7,18 +7,13 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainingArguments
 
-from hf_aace import AACETrainingArguments, WideResNetConfig, WideResNetForImageClassification
+from hf_aace import AACETrainingArguments
 from hf_aace.data import BatchAugmentation, ImageClassificationSplit
 from hf_aace.image_batches import AUGMENTATION_STATE_NAME, ImageBatchTrainer
 
+from test_trainer import tiny_wrn
+
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-
-
-def tiny_model() -> WideResNetForImageClassification:
-    torch.manual_seed(0)
-    model = WideResNetForImageClassification(WideResNetConfig(depth=10, widen_factor=1, num_labels=3))
-    torch.nn.init.normal_(model.classifier.weight, std=0.5)
-    return model
 
 
 def uint8_split(n: int = 12, seed: int = 0) -> ImageClassificationSplit:
@@ -48,7 +43,7 @@ class CountingAugmentation(BatchAugmentation):
 
 
 def test_evaluation_normalises_uint8_batches_and_leaves_float_batches_alone(tmp_path):
-    model, split = tiny_model().eval(), uint8_split()
+    model, split = tiny_wrn().eval(), uint8_split()
     trainer = ImageBatchTrainer(model=model, args=plain_args(tmp_path), augmentation=BatchAugmentation(MEAN, STD))
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     normalised = (split.images.float() / 255 - mean) / std
@@ -64,9 +59,7 @@ def test_evaluation_normalises_uint8_batches_and_leaves_float_batches_alone(tmp_
 def test_plain_training_augments_each_micro_batch_once_from_the_seeded_stream(tmp_path):
     augmentation = CountingAugmentation(MEAN, STD, crop_padding=1, flip=True, cutout_size=2, seed=99)
     args = plain_args(tmp_path, max_steps=2, gradient_accumulation_steps=2, learning_rate=0.01, optim="sgd")
-    trainer = ImageBatchTrainer(
-        model=tiny_model(), args=args, train_dataset=uint8_split(16), augmentation=augmentation
-    )
+    trainer = ImageBatchTrainer(model=tiny_wrn(), args=args, train_dataset=uint8_split(16), augmentation=augmentation)
     assert augmentation.seed == args.seed + args.process_index  # seeded by the trainer, not by its constructor
     trainer.train()
     assert len(augmentation.batches) == 4 and all(batch.dtype == torch.uint8 for batch in augmentation.batches)
@@ -80,12 +73,12 @@ def test_plain_training_augments_each_micro_batch_once_from_the_seeded_stream(tm
 
 
 def test_channels_last_follows_the_arguments(tmp_path):
-    plain = ImageBatchTrainer(model=tiny_model(), args=plain_args(tmp_path / "a"))
+    plain = ImageBatchTrainer(model=tiny_wrn(), args=plain_args(tmp_path / "a"))
     assert not plain.channels_last
     assert plain.model.wide_resnet.embedder.weight.is_contiguous()
 
     args = AACETrainingArguments(output_dir=str(tmp_path / "b"), use_cpu=True, report_to="none", channels_last=True)
-    trainer = ImageBatchTrainer(model=tiny_model(), args=args, augmentation=BatchAugmentation(MEAN, STD))
+    trainer = ImageBatchTrainer(model=tiny_wrn(), args=args, augmentation=BatchAugmentation(MEAN, STD))
     assert trainer.channels_last
     assert trainer.model.wide_resnet.embedder.weight.is_contiguous(memory_format=torch.channels_last)
     batch = trainer.prepare_image_batch({"pixel_values": uint8_split(4).images, "labels": torch.zeros(4).long()})
@@ -96,7 +89,7 @@ def test_channels_last_follows_the_arguments(tmp_path):
 def test_augmentation_stream_is_saved_and_restored_with_checkpoints(tmp_path, caplog):
     def trainer_with(seed: int) -> ImageBatchTrainer:
         augmentation = BatchAugmentation(MEAN, STD, crop_padding=1, flip=True, cutout_size=2)
-        return ImageBatchTrainer(model=tiny_model(), args=plain_args(tmp_path, seed=seed), augmentation=augmentation)
+        return ImageBatchTrainer(model=tiny_wrn(), args=plain_args(tmp_path, seed=seed), augmentation=augmentation)
 
     saved = trainer_with(seed=1)
     saved.augmentation(uint8_split(4).images)  # advance the stream past its seed
