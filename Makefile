@@ -39,7 +39,7 @@ bench: install
 # mutant names, e.g. make mutants MUTANTS='hf_aace.losses.* hf_aace.perturbation.*'; results persist in mutants/.
 MUTANTS ?=
 mutants: install
-	nice -n 19 $(BIN)/mutmut run --max-children 2 $(MUTANTS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 19 $(BIN)/mutmut run --max-children 2 $(MUTANTS)
 	$(BIN)/mutmut results
 
 clean:

@@ -1,5 +1,6 @@
 """AACETrainer: the transformers Trainer with the two-pass sharpness-aware step of AACE, SAM or ASAM."""
 
+import bisect
 import json
 import os
 from typing import Any
@@ -305,9 +306,14 @@ class AACETrainer(ImageBatchMixin, Trainer):
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.args.lr_milestones is None or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
-        milestones = [max(1, round(m * num_training_steps)) for m in self.args.lr_milestones]
-        self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer if optimizer is not None else self.optimizer, milestones=milestones, gamma=self.args.lr_gamma
+        # Step decay by lr_gamma at each milestone (a milestone that rounds to step 0 counts as step 1), in closed form
+        # from the initial rate like the Trainer's own schedules: another train() on this Trainer starts again from
+        # the initial rate, where torch's MultiStepLR would go on from the last one.
+        milestones = sorted(max(1, round(m * num_training_steps)) for m in self.args.lr_milestones)
+        gamma = self.args.lr_gamma
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer if optimizer is not None else self.optimizer,
+            lambda step: gamma ** bisect.bisect_right(milestones, step),
         )
         self._created_lr_scheduler = True
         return self.lr_scheduler

@@ -3,6 +3,8 @@ from local_hub import LocalHub, ensure_environment, shared_hub
 # Before anything imports huggingface_hub, transformers, datasets or hf_aace: they read HF_ENDPOINT and HF_HOME once.
 HUB_SETTINGS = ensure_environment()
 
+import gc  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -16,3 +18,9 @@ def local_hub() -> LocalHub:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_finish(session):
+    # The Trainer calls gc.collect() in every train(); leave the imported libraries and test modules out of it.
+    gc.collect()
+    gc.freeze()

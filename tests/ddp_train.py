@@ -1,7 +1,8 @@
 """Trains a tiny WideResNet with AACETrainer on two gloo processes; run by test_trainer.py under accelerate launch.
 
-Each rank writes its first pass-1 gradient norm, a hash of its final parameters, its logged losses and a hash of the
-first augmentation its trainer drew to `<output_dir>/rank<i>.json`. `--static_graph` trains with `ddp_static_graph`.
+Each rank writes its first pass-1 gradient norm, the one logged at step 1, a hash of its final parameters, its logged
+losses and a hash of the first augmentation its trainer drew to `<output_dir>/rank<i>.json`. `--static_graph`
+trains with `ddp_static_graph`.
 """
 
 import hashlib
@@ -94,6 +95,7 @@ def main(output_dir: Path, static_graph: bool) -> None:
         "first_grad_norm": trainer.first_grad_norm,
         "weights": digest(model.parameters()),
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "logged_first_grad_norm": trainer.state.log_history[0]["perturbation_grad_norm"],
         "first_augmentation": augmentation.first_draw,
         "expected_augmentation": digest([expected_augmentation]),
     }

@@ -4,6 +4,7 @@ import io
 import json
 import logging
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -525,3 +526,14 @@ def test_dataset_arguments_parse_and_load(tmp_path):
     )
     data = args.load(image_size=args.image_size, pad_to_square=True, show_progress=False)
     assert data.name == "digits" and data.image_size == (16, 16) and data.pad_to_square
+
+
+def test_the_decoded_cache_defaults_to_hf_home():
+    from huggingface_hub import constants
+
+    from hf_aace.data.cache import DecodedCache
+
+    cache = DecodedCache.locate(None, "someone/my data", image_size=32)
+    assert cache.path.parent == Path(constants.HF_HOME) / "hf_aace"
+    assert cache.path.name.startswith("someone_my_data-") and cache.path.suffix == ".safetensors"
+    assert DecodedCache.locate("elsewhere", "someone/my data", image_size=32).path.name == cache.path.name

@@ -186,7 +186,7 @@ def trainer_loss(model, batch: dict, num_items, accumulation: int) -> torch.Tens
 
 
 def reference_step(name, model, batches, method, rho, lr):
-    """One optimizer step by hand; returns the first pass's loss of each micro-batch."""
+    """One optimizer step by hand; returns, per micro-batch, the first pass's loss and the training loss at w."""
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = None
@@ -195,9 +195,11 @@ def reference_step(name, model, batches, method, rho, lr):
     shifts = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
     trainer_items = sum(int((y[..., 1:] if shifts else y).ne(-100).sum()) for y in labels)
     aace_items = sum(int(y[..., 1:].ne(-100).sum()) for y in labels) if _is_causal(name) else None
-    first_losses = []
+    first_losses, clean_losses = [], []
     for batch in batches:
         model.train()
+        with torch.no_grad():
+            clean_losses.append(trainer_loss(model, batch, trainer_items, len(batches)).item())
         if method == "aace":
             loss1 = hand_aace(name, model, batch, aace_items)
         else:
@@ -225,7 +227,7 @@ def reference_step(name, model, batches, method, rho, lr):
         for p in params:
             if p.grad is not None:
                 p.sub_(lr * p.grad)
-    return first_losses
+    return first_losses, clean_losses
 
 
 def check_step(tmp_path, name: str, method: str, accumulation: int = 1) -> None:
@@ -243,17 +245,20 @@ def check_step(tmp_path, name: str, method: str, accumulation: int = 1) -> None:
     batches = [
         default_data_collator([dataset[j] for j in range(i * size, (i + 1) * size)]) for i in range(accumulation)
     ]
-    first_losses = reference_step(name, expected, batches, method, rho, lr=0.1)
+    first_losses, clean_losses = reference_step(name, expected, batches, method, rho, lr=0.1)
 
     changed = False
     for (key, value), reference in zip(model.state_dict().items(), expected.state_dict().values()):
         torch.testing.assert_close(value, reference, rtol=2e-5, atol=2e-6, msg=key)
         changed |= not torch.equal(value, initial[key])
     assert changed, "the step left the weights unchanged"
+    # The logs average the micro-batches on the scale of the logged `loss`, whose micro-batch terms the Trainer sums:
+    # the training loss by hand is each micro-batch's term, and so is AACE normalised over the step's tokens.
     entry = next(e for e in trainer.state.log_history if "perturbation_loss" in e)
-    if accumulation == 1:
-        assert entry["perturbation_loss"] == pytest.approx(first_losses[0], rel=1e-5, abs=1e-6)
-    assert "clean_loss" in entry
+    step_normalised = method != "aace" or _is_causal(name)
+    reported = sum(first_losses) / (1 if step_normalised else accumulation)
+    assert entry["perturbation_loss"] == pytest.approx(reported, rel=1e-5, abs=2e-6)
+    assert entry["clean_loss"] == pytest.approx(sum(clean_losses), rel=1e-5, abs=2e-6)
     assert ("clean_accuracy" in entry) == (name in ("bert_single_label", "vit", "dict_module", "tuple_module"))
 
 
@@ -281,11 +286,19 @@ def test_regression_trains_with_sam_and_asam(tmp_path, method):
     check_step(tmp_path, "bert_regression", method)
 
 
-def test_aace_refuses_regression_before_the_first_optimizer_step(tmp_path):
+@pytest.mark.parametrize(
+    ("outputs", "reason"),
+    [(1, "the model gives fewer than two class scores"), (2, "the model's problem_type is regression")],
+)
+def test_aace_refuses_regression_before_the_first_optimizer_step(tmp_path, outputs, reason):
     model, dataset = build("bert_regression")
+    if outputs > 1:  # two regression targets of 0 or 1 look like multi-hot rows: only problem_type tells them apart
+        model = BertForSequenceClassification(_bert_config(num_labels=outputs, problem_type="regression"))
+        for i, row in enumerate(dataset.rows):
+            row["labels"] = torch.tensor([float(i % 2), 1.0])
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = AACETrainer(model=model, args=make_args(tmp_path), train_dataset=dataset)
-    with pytest.raises(ValueError, match="AACE .* needs class labels.*--sam_method sam or asam work with any loss"):
+    with pytest.raises(ValueError, match=f"needs class labels; {reason}.*--sam_method sam or asam work"):
         trainer.train()
     assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
 
@@ -320,7 +333,7 @@ def smoothed_loss(model, batch):
 
 
 def margin_loss(outputs, labels, num_items_in_batch=None):
-    return F.multi_margin_loss(outputs["logits"], labels)
+    return F.multi_margin_loss(outputs["logits"] if isinstance(outputs, dict) else outputs, labels)
 
 
 class PenalisedTrainer(AACETrainer):
@@ -342,6 +355,12 @@ class PenalisedTrainer(AACETrainer):
             lambda m, b: margin_loss(m(b["features"]), b["labels"]),
         ),
         (
+            "tuple_module",
+            {"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: margin_loss(outputs[0], labels)},
+            AACETrainer,
+            lambda m, b: margin_loss(m(b["features"])[0], b["labels"]),
+        ),
+        (
             "dict_module",
             {},
             PenalisedTrainer,
@@ -351,7 +370,7 @@ class PenalisedTrainer(AACETrainer):
             ),
         ),
     ],
-    ids=["label_smoothing", "compute_loss_func", "compute_loss_override"],
+    ids=["label_smoothing", "compute_loss_func", "compute_loss_func_tuple_outputs", "compute_loss_override"],
 )
 def test_sam_first_pass_uses_the_trainers_own_loss(tmp_path, name, options, trainer_class, loss_fn):
     model, dataset = build(name)
@@ -368,11 +387,20 @@ def test_sam_first_pass_uses_the_trainers_own_loss(tmp_path, name, options, trai
         torch.testing.assert_close(value, reference, rtol=2e-5, atol=2e-6, msg=key)
     entry = next(e for e in trainer.state.log_history if "perturbation_loss" in e)
     assert entry["perturbation_loss"] == pytest.approx(loss_fn(build(name)[0], batch).item(), rel=1e-5)
+    # The logits are found whether or not the Trainer took the labels away from the model (no loss in its outputs).
+    initial = build(name)[0]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    outputs = initial(**inputs)
+    logits = outputs[0] if isinstance(outputs, tuple) else outputs["logits"]
+    accuracy = (logits.argmax(-1) == batch["labels"]).float().mean().item()
+    assert entry["clean_accuracy"] == pytest.approx(accuracy)
 
 
 def test_label_names_are_honoured(tmp_path):
     class TargetsClassifier(DictClassifier):
-        def forward(self, features, targets=None):
+        # Loss kwargs accepted, but the Trainer counts no items without a "labels" column: the loss is a mean per
+        # micro-batch, which the Trainer divides by the accumulation steps.
+        def forward(self, features, targets=None, **kwargs):
             return super().forward(features, targets)
 
     torch.manual_seed(0)
@@ -381,15 +409,168 @@ def test_label_names_are_honoured(tmp_path):
     expected = TargetsClassifier()
     _, dataset = build("dict_module")
     rows = ListDataset([{"features": r["features"], "targets": r["labels"]} for r in dataset.rows])
-    args = make_args(tmp_path, sam_method="aace", label_names=["targets"])
-    AACETrainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator).train()
+    args = make_args(
+        tmp_path, sam_method="aace", label_names=["targets"], per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+    )  # fmt: skip
+    trainer = AACETrainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
+    trainer.train()
     torch.manual_seed(0)
     reference = DictClassifier()
-    batches = [default_data_collator([dataset[i] for i in range(BATCH)])]
-    reference_step("dict_module", reference, batches, "aace", 0.2, lr=0.1)
+    batches = [default_data_collator([dataset[i] for i in range(j, j + 2)]) for j in (0, 2)]
+    _, clean_losses = reference_step("dict_module", reference, batches, "aace", 0.2, lr=0.1)
     for value, ref in zip(model.state_dict().values(), reference.state_dict().values()):
         torch.testing.assert_close(value, ref, rtol=2e-5, atol=2e-6)
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), expected.parameters()))
+    entry = next(e for e in trainer.state.log_history if "clean_loss" in e)
+    assert entry["clean_loss"] == pytest.approx(sum(clean_losses), rel=1e-5)
+
+
+def test_aace_uses_the_collators_shift_labels(tmp_path):
+    # Padding-free collators give the causal targets already shifted; they take precedence over labels[..., 1:].
+    model, dataset = build("gpt2")
+    initial, _ = build("gpt2")
+    for row in dataset.rows:
+        row["shift_labels"] = torch.cat([row["labels"][1:], torch.tensor([-100])])
+        row["shift_labels"][0] = -100  # a target the shifted labels would count
+    args = make_args(tmp_path, remove_unused_columns=False)  # else the Trainer drops the column: not in forward()
+    trainer = AACETrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
+    trainer.train()
+    batch = default_data_collator([dataset[i] for i in range(BATCH)])
+    logits = initial.train()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["shift_labels"].reshape(-1)
+    keep = targets != -100
+    expected = aace_loss(logits.reshape(-1, VOCAB)[keep], targets[keep])
+    shifted = batch["labels"][:, 1:].reshape(-1)
+    unshifted = aace_loss(logits[:, :-1].reshape(-1, VOCAB)[shifted != -100], shifted[shifted != -100])
+    assert expected.item() != pytest.approx(unshifted.item(), rel=1e-3)  # the case tells them apart
+    entry = next(e for e in trainer.state.log_history if "perturbation_loss" in e)
+    assert entry["perturbation_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "dict_module"])
+def test_sgd_method_with_gradient_accumulation_is_the_plain_trainer_step(tmp_path, name):
+    from transformers import Trainer
+
+    models = []
+    for cls in (Trainer, AACETrainer):
+        model, dataset = build(name)
+        args = make_args(
+            tmp_path / cls.__name__, sam_method="sgd", per_device_train_batch_size=2, gradient_accumulation_steps=2
+        )
+        cls(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator).train()
+        models.append(model)
+    for (key, value), reference in zip(models[1].state_dict().items(), models[0].state_dict().values()):
+        assert torch.equal(value, reference), key
+
+
+def test_aace_refuses_models_with_several_label_tensors(tmp_path):
+    model, dataset = build("dict_module")
+    args = make_args(tmp_path, sam_method="aace", label_names=["labels", "weights"])
+    trainer = AACETrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
+    with pytest.raises(
+        ValueError, match=r"needs one label tensor per batch; this model takes \['labels', 'weights'\]"
+    ):
+        trainer.train()
+
+
+class Reconstruction(nn.Module):
+    """A model without labels that returns its own loss, as self-supervised models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 5))
+
+    def forward(self, features):
+        return {"loss": F.mse_loss(self.net(features), features)}
+
+
+def test_sam_trains_a_model_without_labels(tmp_path):
+    torch.manual_seed(0)
+    model = Reconstruction()
+    expected = Reconstruction()
+    expected.load_state_dict(model.state_dict())
+    _, dataset = build("dict_module")
+    rows = ListDataset([{"features": r["features"]} for r in dataset.rows])
+    args = make_args(tmp_path, sam_method="sam")
+    trainer = AACETrainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
+    assert trainer.label_names == []
+    trainer.train()
+    batch = default_data_collator([rows[i] for i in range(BATCH)])
+    sam_step_by_hand(expected, batch, lambda m, b: m(**b)["loss"])
+    for value, reference in zip(model.state_dict().values(), expected.state_dict().values()):
+        torch.testing.assert_close(value, reference, rtol=2e-5, atol=2e-6)
+
+
+class StepScaledTrainer(AACETrainer):
+    """A compute_loss that divides by the accumulation steps itself, and says so with `loss_is_scaled_for_ga`."""
+
+    loss_is_scaled_for_ga = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs["loss"] / self.current_gradient_accumulation_steps
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_a_loss_scaled_by_the_subclass_is_logged_on_the_step_scale(tmp_path):
+    model, dataset = build("dict_module")
+    initial, _ = build("dict_module")
+    args = make_args(tmp_path, sam_method="sam", per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    trainer = StepScaledTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
+    trainer.train()
+    batches = [default_data_collator([dataset[i] for i in range(j, j + 2)]) for j in (0, 2)]
+    clean = sum(initial(**b)["loss"].item() for b in batches) / 2
+    entry = next(e for e in trainer.state.log_history if "clean_loss" in e)
+    assert entry["clean_loss"] == pytest.approx(clean, rel=1e-5)
+    assert entry["perturbation_loss"] == pytest.approx(clean, rel=1e-5)
+
+
+def test_causal_lm_step_called_outside_the_training_loop_counts_its_own_targets(tmp_path):
+    model, dataset = build("gpt2")
+    initial, _ = build("gpt2")
+    trainer = AACETrainer(
+        model=model, args=make_args(tmp_path), train_dataset=dataset, data_collator=default_data_collator
+    )
+    trainer.current_gradient_accumulation_steps = 1  # set by train() in normal use
+    batch = default_data_collator([dataset[i] for i in range(BATCH)])
+    targets = int(batch["labels"][:, 1:].ne(-100).sum())
+    trainer.training_step(trainer.model_wrapped, dict(batch), num_items_in_batch=torch.tensor(targets))
+    expected = hand_aace("gpt2", initial.train(), batch, targets)
+    assert trainer._metric_sums["perturbation_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("average_tokens", "world_size", "gathered"), [(True, 2, True), (False, 2, False), (True, 1, False)]
+)
+def test_causal_lm_targets_are_counted_across_processes_as_the_trainer_counts_tokens(
+    tmp_path, monkeypatch, average_tokens, world_size, gathered
+):
+    model, dataset = build("gpt2")
+    args = make_args(tmp_path, average_tokens_across_devices=average_tokens)
+    trainer = AACETrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
+    # Another process with a third of this one's targets: what accelerate's gather would return beside ours.
+    monkeypatch.setattr(type(args), "world_size", property(lambda self: world_size))
+    monkeypatch.setattr(trainer.accelerator, "gather", lambda t: torch.stack([t, t // 3]))
+    batches = [default_data_collator([dataset[i] for i in range(j, j + 2)]) for j in (0, 2)]
+    trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
+    local = sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in batches)
+    assert trainer._class_label_items.item() == (local + local // 3 if gathered else local)
+
+
+def test_step_logs_keep_the_trainers_own_entries(tmp_path):
+    from transformers import Trainer
+
+    keys = []
+    for cls in (Trainer, AACETrainer):
+        model, dataset = build("gpt2")
+        args = make_args(tmp_path / cls.__name__, sam_method="sam", include_num_input_tokens_seen=True)
+        trainer = cls(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
+        trainer.train()
+        keys.append(set(trainer.state.log_history[0]))
+    assert "train_tokens_per_second" in keys[0] and "num_input_tokens_seen" in keys[0]
+    assert keys[1] - keys[0] == {"perturbation_loss", "perturbation_grad_norm", "perturbation_norm", "clean_loss"}
+    assert keys[0] <= keys[1]
 
 
 def test_changing_the_method_after_construction_takes_its_defaults(tmp_path):

@@ -145,6 +145,26 @@ def test_one_step_equals_hand_written_step(tmp_path, method, rho, normalize, acc
     assert changed
 
 
+def test_first_pass_by_autograd_grad_equals_the_backward_one(tmp_path):
+    # ddp_static_graph takes the first-pass gradient with torch.autograd.grad; in one process it must give the step
+    # the default path gives, with gradient accumulation and a trainable parameter the loss does not reach.
+    states = []
+    for static_graph in (False, True):
+        model = tiny_wrn()
+        model.register_parameter("unused", nn.Parameter(torch.ones(3)))
+        args = make_args(
+            tmp_path / str(static_graph),
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            ddp_static_graph=static_graph,
+        )
+        AACETrainer(model=model, args=args, train_dataset=make_dataset()).train()
+        states.append(model.state_dict())
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
+    assert not torch.equal(states[0]["classifier.weight"], tiny_wrn().state_dict()["classifier.weight"])
+
+
 def test_sgd_method_is_the_plain_trainer_step(tmp_path):
     dataset = make_dataset()
     model, expected = tiny_wrn(), tiny_wrn()
@@ -327,12 +347,27 @@ def test_torch_compile_recompiles_at_most_once(tmp_path):
         ({"aace_threshold": 1.5}, r"--aace_threshold must lie in \[0, 1\]"),
         ({"aace_mode": "const"}, "--aace_mode must be one of adaptive, uniform, random"),
         ({"lr_milestones": [0.6, 0.3]}, "--lr_milestones must be increasing fractions"),
+        ({"lr_milestones": []}, "--lr_milestones must be increasing fractions"),
+        ({"lr_milestones": [0.0, 0.5]}, "--lr_milestones must be increasing fractions"),
+        ({"lr_milestones": [0.5, 1.0]}, "--lr_milestones must be increasing fractions"),
+        ({"lr_milestones": [0.5, 1.5]}, "--lr_milestones must be increasing fractions"),
+        ({"lr_milestones": [0.5], "lr_gamma": 0.0}, r"--lr_gamma must lie in \(0, 1\]"),
+        ({"lr_milestones": [0.5], "lr_gamma": 1.5}, r"--lr_gamma must lie in \(0, 1\]"),
         ({"fp16": True}, "--fp16 needs a GPU"),
+        ({"fp16": True, "use_cpu": False}, "--fp16 needs a GPU"),
     ],
 )
 def test_bad_arguments_raise_value_error(tmp_path, overrides, message):
+    if not overrides.get("use_cpu", True) and torch.accelerator.is_available():
+        pytest.skip("fp16 is allowed where there is an accelerator")
     with pytest.raises(ValueError, match=message):
         make_args(tmp_path, **overrides)
+
+
+def test_boundary_arguments_are_accepted(tmp_path):
+    for overrides in ({"aace_threshold": 0.0}, {"aace_threshold": 1.0}, {"lr_milestones": [0.5], "lr_gamma": 1.0}):
+        args = make_args(tmp_path, **overrides)
+        assert all(getattr(args, key) == value for key, value in overrides.items())
 
 
 @pytest.mark.parametrize(
@@ -379,6 +414,23 @@ def test_paper_schedule_and_weight_decay_on_all_parameters(tmp_path):
     decayed = [g for g in trainer.optimizer.param_groups if g["weight_decay"] > 0]
     assert sum(len(g["params"]) for g in decayed) == len(list(model.parameters()))
 
+    # Another train() (as a hyperparameter search runs) builds the schedule again for its own length; a milestone
+    # that rounds to step 0 counts as step 1: two steps give milestones 1, 1 and 2.
+    trainer.args.max_steps = 2
+    trainer.state.log_history = []
+    trainer.train()
+    rates = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+    assert rates == pytest.approx([0.1, 0.004])
+
+
+def test_a_divergence_callback_is_added_once(tmp_path):
+    from hf_aace.divergence import DivergenceCallback
+
+    for callbacks in (None, [DivergenceCallback()]):
+        trainer = AACETrainer(model=tiny_wrn(), args=make_args(tmp_path), callbacks=callbacks)
+        added = [c for c in trainer.callback_handler.callbacks if isinstance(c, DivergenceCallback)]
+        assert len(added) == 1 and (callbacks is None or added[0] is callbacks[0])
+
 
 def launch_ddp_train(output_dir: Path, *flags: str) -> list[dict]:
     """Runs tests/ddp_train.py on two CPU processes (gloo) and returns each rank's record."""
@@ -415,6 +467,9 @@ def test_two_processes_perturb_independently_and_stay_identical(ddp_ranks):
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert ranks[0]["first_grad_norm"] != ranks[1]["first_grad_norm"]
     assert ranks[0]["weights"] == ranks[1]["weights"]
+    # The logged perturbation metrics are means over the processes, the same on each.
+    mean = (ranks[0]["first_grad_norm"] + ranks[1]["first_grad_norm"]) / 2
+    assert ranks[0]["logged_first_grad_norm"] == ranks[1]["logged_first_grad_norm"] == pytest.approx(mean, abs=1e-6)
     losses = ranks[0]["losses"]
     assert sum(losses[-4:]) < sum(losses[:4])
     # Every process draws its own augmentations, from the stream seeded with seed + process index.
@@ -440,7 +495,18 @@ def test_overflowing_fp16_first_pass_skips_the_perturbation_and_is_counted(tmp_p
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     trainer.training_step(trainer.model_wrapped, next(iter(trainer.get_train_dataloader())))
     assert trainer._metric_sums["skipped_perturbations"].item() == 1  # a finite pass adds nothing
-    assert trainer._metric_sums["perturbation_norm"].item() > 0
+    norm = trainer._metric_sums["perturbation_norm"].item()
+    assert norm > 0
+
+    # The log counts the skipped perturbations and averages the norm over both micro-batches; a log interval without
+    # a skipped perturbation does not mention them.
+    trainer.log({"loss": 1.0})
+    trainer.training_step(trainer.model_wrapped, next(iter(trainer.get_train_dataloader())))
+    trainer.log({"loss": 1.0})
+    first, second = trainer.state.log_history[-2:]
+    assert first["skipped_perturbations"] == 1 and isinstance(first["skipped_perturbations"], int)
+    assert first["perturbation_norm"] == pytest.approx(norm / 2, abs=1e-6)
+    assert "skipped_perturbations" not in second and second["perturbation_norm"] > 0
 
 
 @pytest.mark.parametrize("flag", ["is_deepspeed_enabled", "is_fsdp_enabled"])
@@ -510,10 +576,33 @@ def test_batches_without_labels_are_refused_clearly(tmp_path):
 
 
 def test_model_card_names_the_method_the_trainer_used(tmp_path):
-    trainer = AACETrainer(model=tiny_wrn(), args=make_args(tmp_path, sam_method="asam"), train_dataset=make_dataset())
-    trainer.create_model_card(metrics={"test_accuracy": 0.5})
+    args = make_args(tmp_path, sam_method="asam", hub_model_id="someone/wrn-asam")
+    trainer = AACETrainer(model=tiny_wrn(), args=args, train_dataset=make_dataset())
+    (tmp_path / "all_results.json").write_text(json.dumps({"test_accuracy": 0.25}))
+    # Given metrics and arguments win over all_results.json and the trainer's arguments.
+    trainer.create_model_card(model_name="My WRN", metrics={"test_accuracy": 0.5}, run_arguments={"epochs": 7})
     card = " ".join((tmp_path / "README.md").read_text().split())
-    assert "with ASAM (rho 0.5, normalized True) using hf_aace" in card and '"sam_method": "asam"' in card
+    assert "with ASAM (rho 0.5, normalized True) using hf_aace" in card
+    assert "# My WRN" in card and 'from_pretrained("someone/wrn-asam"' in card
+    assert "| test_accuracy | 0.5000 |" in card and "0.25" not in card and "(`test` split for test metrics)" in card
+    assert '"epochs": 7' in card and "sam_method" not in card
+
+
+def test_model_card_reads_the_saved_results_and_names_the_data_and_the_aace_settings(tmp_path):
+    args = make_args(tmp_path, aace_threshold=0.3, aace_mode="uniform", hub_model_id="someone/wrn-aace")
+    trainer = AACETrainer(model=tiny_wrn(), args=args, train_dataset=make_dataset())
+    (tmp_path / "all_results.json").write_text(json.dumps({"test_accuracy": 0.8125, "test_loss": 0.5}))
+    trainer.create_model_card(dataset_id="someone/digits", dataset_name="Digits", test_split="validation")
+    text = (tmp_path / "README.md").read_text()
+    card = " ".join(text.split())
+    assert "# wrn-aace" in card and 'from_pretrained("someone/wrn-aace"' in card
+    assert (
+        "trained on Digits (someone/digits) with AACE-SAM (rho 0.2, normalized False, threshold 0.3, mode uniform)"
+        in card
+    )
+    assert "| test_accuracy | 0.8125 |" in card and "| test_loss | 0.5000 |" in card
+    assert "(`validation` split for test metrics)" in card and "split: validation" in text
+    assert "datasets:\n- someone/digits\n" in text and '"aace_mode": "uniform"' in card
 
 
 @pytest.mark.parametrize(("threshold", "mode"), [(0.3, "adaptive"), (0.0, "uniform")])
