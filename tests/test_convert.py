@@ -212,21 +212,29 @@ def test_unknown_or_unconvertible_dataset_lists_the_convertible_presets(small_re
         reference_image_processor("digits")
 
 
-def test_a_missing_or_misshapen_size_tensor_is_named(small_reference):
-    state_dict = dict(small_reference.state_dict())
-    del state_dict["f.8_classification.weight"]
-    with pytest.raises(
-        ValueError,
-        match=r"^Cannot infer the wide_resnet size: 'f.8_classification.weight' should be a 2-d tensor, found "
-        "missing",
-    ):
-        convert_reference_checkpoint(state_dict, "cifar10")
-    state_dict = dict(small_reference.state_dict(), **{"f.0_convolution.weight": torch.zeros(16, 3)})
-    with pytest.raises(
-        ValueError,
-        match=r"^Cannot infer the wide_resnet size: 'f.0_convolution.weight' should be a 4-d tensor, found "
-        r"\(16, 3\)",
-    ):
+SMALL_SIZES = {"wide_resnet": {"depth": 10, "widen_factor": 1}, "pyramidnet": {"depth": 8, "alpha": 6}}
+
+
+@pytest.mark.parametrize(
+    ("architecture", "key", "ndim"),
+    [
+        ("wide_resnet", "f.8_classification.weight", 2),
+        ("wide_resnet", "f.0_convolution.weight", 4),
+        ("wide_resnet", "f.1_block.block.0.block.0_convolution.weight", 4),
+        ("pyramidnet", "fc.weight", 2),
+        ("pyramidnet", "conv1.weight", 4),
+        ("pyramidnet", "layer3.0.conv2.weight", 4),
+    ],
+)
+def test_a_missing_or_misshapen_size_tensor_is_named(architecture, key, ndim):
+    reference = dict(_reference(architecture, "cifar10", SMALL_SIZES[architecture], 10).state_dict())
+    named = rf"^Cannot infer the {architecture} size: {re.escape(repr(key))} should be a {ndim}-d tensor, found "
+    if key not in ("f.0_convolution.weight", "conv1.weight"):  # without these the layout itself is unknown
+        state_dict = {k: v for k, v in reference.items() if k != key}
+        with pytest.raises(ValueError, match=named + "missing"):
+            convert_reference_checkpoint(state_dict, "cifar10")
+    state_dict = dict(reference, **{key: torch.zeros(16, 3, 1)})
+    with pytest.raises(ValueError, match=named + r"\(16, 3, 1\)"):
         convert_reference_checkpoint(state_dict, "cifar10")
 
 
@@ -309,9 +317,17 @@ def test_missing_and_unexpected_keys(small_reference):
     with pytest.raises(ValueError, match=r"missing tensors .*stages\.1\.layers\.1\.norm2\.running_var"):
         convert_reference_checkpoint(state_dict, "cifar10")
 
-    state_dict = dict(small_reference.state_dict(), **{"f.9_extra.weight": torch.zeros(2)})
-    with pytest.raises(ValueError, match=r"unexpected keys f\.9_extra\.weight"):
-        convert_reference_checkpoint(state_dict, "cifar10")
+    for architecture, extra in (("wide_resnet", "f.9_extra.weight"), ("pyramidnet", "head.weight")):
+        reference = _reference(architecture, "cifar10", SMALL_SIZES[architecture], 10).state_dict()
+        state_dict = dict(reference, **{extra: torch.zeros(2)})
+        with pytest.raises(ValueError, match=rf"unexpected keys {re.escape(extra)}"):
+            convert_reference_checkpoint(state_dict, "cifar10")
+
+
+def test_a_stem_alone_is_no_reference_layout():
+    # A torchvision-style "conv1.weight" without the paper's PyramidNet units is neither of the paper's layouts.
+    with pytest.raises(ValueError, match="Unknown key layout"):
+        infer_architecture({"conv1.weight": torch.zeros(16, 3, 3, 3), "fc.weight": torch.zeros(10, 16)})
 
 
 def test_tensor_of_wrong_shape(small_reference):

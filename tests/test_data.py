@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -376,12 +377,22 @@ def test_bad_names_and_arguments(tmp_path):
         load_image_classification_dataset("digits", num_channels=2, cache_dir=tmp_path)
 
 
+def test_a_split_of_one_image_loads(tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": class_label(2)})
+    image = encode(np.zeros((2, 2), np.uint8))
+    splits = {"train": {"image": [image, image], "label": [0, 1]}, "test": {"image": [image], "label": [1]}}
+    data = load_image_classification_dataset(
+        str(write_hub_dataset(tmp_path / "d", features, splits)), cache_dir=tmp_path / "cache"
+    )
+    assert (len(data.train), len(data.test)) == (2, 1) and data.test.labels.tolist() == [1]
+
+
 def test_missing_test_split(tmp_path):
     features = datasets.Features({"image": datasets.Image(), "label": class_label(2)})
     source = write_hub_dataset(
         tmp_path / "d", features, {"train": {"image": [encode(np.zeros((2, 2), np.uint8))], "label": [0]}}
     )
-    with pytest.raises(ValueError, match="no 'test' or 'validation' split"):
+    with pytest.raises(ValueError, match=f"^{re.escape(repr(str(source)))} has no 'test' or 'validation' split"):
         load_image_classification_dataset(str(source), cache_dir=tmp_path / "cache")
 
 
@@ -537,3 +548,63 @@ def test_the_decoded_cache_defaults_to_hf_home():
     assert cache.path.parent == Path(constants.HF_HOME) / "hf_aace"
     assert cache.path.name.startswith("someone_my_data-") and cache.path.suffix == ".safetensors"
     assert DecodedCache.locate("elsewhere", "someone/my data", image_size=32).path.name == cache.path.name
+
+
+def _integer_labelled(tmp_path, train_labels, test_labels):
+    rng = np.random.default_rng(1)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    rows = {
+        split: {"image": [encode(rng.integers(0, 256, (4, 4), dtype=np.uint8)) for _ in labels], "label": labels}
+        for split, labels in (("train", train_labels), ("test", test_labels))
+    }
+    name = f"labels-{max(train_labels)}-{max(test_labels)}"
+    return str(write_hub_dataset(tmp_path / name, features, rows))
+
+
+def test_integer_labels_name_their_classes_and_a_stray_one_is_located(tmp_path):
+    data = load_image_classification_dataset(
+        _integer_labelled(tmp_path, [0, 1, 2, 3], [3, 0]), label_column="label", cache_dir=tmp_path
+    )
+    assert data.label_names == ["0", "1", "2", "3"] and data.test.labels.tolist() == [3, 0]
+    # The largest label is in the test split: the message points there, with the column.
+    source = _integer_labelled(tmp_path, [0, 1, 2], [1, 50, 2])
+    with pytest.raises(ValueError, match=r"^Column 'label' holds integer labels up to 50, .*in split 'test', row 1;"):
+        load_image_classification_dataset(source, label_column="label", cache_dir=tmp_path)
+    source = _integer_labelled(tmp_path, [0, 1, 50], [1, 2])
+    with pytest.raises(ValueError, match=r"^Column 'label' holds integer labels up to 50, .*in split 'train', row 2;"):
+        load_image_classification_dataset(source, label_column="label", cache_dir=tmp_path)
+
+
+def test_out_of_range_labels_are_named_with_their_split_and_column(tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": class_label(2)})
+    image = encode(np.zeros((2, 2), np.uint8))
+    for split in ("train", "test"):
+        rows = {"train": {"image": [image, image], "label": [0, 1]}, "test": {"image": [image], "label": [1]}}
+        rows[split]["label"][0] = -1
+        source = write_hub_dataset(tmp_path / split, features, rows)
+        expected = rf"^Label -1 in split '{split}', row 0 \(column 'label'\) is outside the 2 classes"
+        with pytest.raises(ValueError, match=expected):
+            load_image_classification_dataset(str(source), cache_dir=tmp_path / "cache")
+
+
+def _image_files(tmp_path, modes):
+    paths = []
+    for i, mode in enumerate(modes):
+        path = tmp_path / f"{i}.png"
+        PIL.Image.new(mode, (4, 4), 0 if mode == "L" else (0, 0, 0)).save(path)
+        paths.append(str(path))
+    return datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image())
+
+
+def test_channels_follow_the_declared_mode_else_the_majority_of_images(tmp_path):
+    # Images stored as file paths (no bytes in the dataset) are opened from their files.
+    assert decoding.detect_num_channels(_image_files(tmp_path, ["L", "L", "RGB"]), "image") == 1
+    assert decoding.detect_num_channels(_image_files(tmp_path, ["L", "RGB"]), "image") == 3  # a tie: colour
+    rgb = _image_files(tmp_path, ["RGB", "RGB"])
+    assert decoding.detect_num_channels(rgb.cast_column("image", datasets.Image(mode="L")), "image") == 1
+    gray = _image_files(tmp_path, ["L", "L"])
+    assert decoding.detect_num_channels(gray.cast_column("image", datasets.Image(mode="RGB")), "image") == 3
+    images = decoding.decode_images(
+        gray, "image", "train", 1, decoding.Preparation(size=None, pad_to_square=False, num_channels=1)
+    )
+    assert images.shape == (2, 1, 4, 4) and images.dtype == torch.uint8

@@ -108,9 +108,10 @@ def test_shapes_and_loss_only_with_labels(name, channels, size):
     torch.testing.assert_close(loss, labelled.loss)
 
 
-def test_label_smoothing_is_honoured():
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_label_smoothing_is_honoured(name):
     torch.manual_seed(0)
-    model = build("wrn-10-1", label_smoothing=0.1).eval()
+    model = build(name, label_smoothing=0.1).eval()
     randomise_batchnorm(model)
     pixel_values, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     logits = model(pixel_values).logits
@@ -130,15 +131,69 @@ def test_wide_resnet_initialisation_follows_the_paper():
         assert conv.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.15), name
 
 
-def test_fixed_pooling_window_reproduces_the_paper_and_rejects_mismatched_sizes():
-    model = build("wrn-10-1", num_channels=1, pooling_size=4).eval()
+def test_pyramidnet_initialisation_follows_the_paper():
+    torch.manual_seed(0)
+    model = PyramidNetForImageClassification(PyramidNetConfig(depth=11, alpha=48, bottleneck=True, num_labels=100))
+    # Convolutions: N(0, 2 / (k * k * out_channels)), the reference code's fan-out rule; 1x1 and 3x3 kernels and
+    # channel-changing convolutions tell it from fan-in and from other kernel factors. The root mean square checks
+    # the mean as well as the spread.
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert {m.kernel_size for m in convs.values()} == {(1, 1), (3, 3)}
+    for name, conv in convs.items():
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        rms = conv.weight.pow(2).mean().sqrt().item()
+        assert rms == pytest.approx((2 / fan_out) ** 0.5, rel=0.15), name
+    # The classifier: PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and bias alike.
+    bound = 1 / model.classifier.in_features**0.5
+    for tensor in (model.classifier.weight, model.classifier.bias):
+        assert tensor.abs().max().item() <= bound
+        assert tensor.max().item() > 0.9 * bound and tensor.min().item() < -0.9 * bound
+    assert model.classifier.weight.abs().max().item() > 0.97 * bound  # 100 x 256 draws reach the bound
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_tuple_outputs_hold_what_the_model_outputs_hold(name):
+    model = build(name).eval()
+    assert model.num_labels == 3  # the attribute transformers' heads carry
+    pixel_values, labels = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    base = model.base_model(pixel_values, output_hidden_states=True)
+    assert base.last_hidden_state is not None and model.base_model(pixel_values).hidden_states is None
+    as_tuple = model.base_model(pixel_values, output_hidden_states=True, return_dict=False)
+    assert len(as_tuple) == 3 and torch.equal(as_tuple[0], base.last_hidden_state)
+    assert torch.equal(as_tuple[1], base.pooler_output) and len(as_tuple[2]) == len(base.hidden_states)
+    assert len(model.base_model(pixel_values, return_dict=False)) == 2
+
+    output = model(pixel_values, output_hidden_states=True)
+    (logits,) = model(pixel_values, return_dict=False)
+    assert torch.equal(logits, output.logits)
+    logits, hidden_states = model(pixel_values, output_hidden_states=True, return_dict=False)
+    assert len(hidden_states) == len(output.hidden_states)
+    loss, logits = model(pixel_values, labels=labels, return_dict=False)
+    assert loss.dim() == 0 and torch.equal(logits, output.logits)
+
+    model.config.output_hidden_states = True  # the config's settings apply where the call gives none
+    assert len(model.base_model(pixel_values).hidden_states) == len(base.hidden_states)
+    assert len(model(pixel_values).hidden_states) == len(base.hidden_states)
+    model.config.return_dict = False
+    assert isinstance(model.base_model(pixel_values), tuple)
+    logits, hidden_states = model(pixel_values)
+    assert torch.equal(logits, output.logits) and len(hidden_states) == len(base.hidden_states)
+
+
+@pytest.mark.parametrize("name", ["wrn-10-1", "pyramidnet-8-12"])
+def test_fixed_pooling_window_reproduces_the_paper_and_rejects_mismatched_sizes(name):
+    model = build(name, num_channels=1, pooling_size=4).eval()
     randomise_batchnorm(model)
     pixel_values = torch.randn(2, 1, 28, 28)
-    features = model.wide_resnet(pixel_values).last_hidden_state  # 7 x 7 map
+    features = model.base_model(pixel_values).last_hidden_state  # 7 x 7 map
     expected = model.classifier(features[:, :, :4, :4].mean((2, 3)))
     torch.testing.assert_close(model(pixel_values).logits, expected)
-    with pytest.raises(ValueError, match="pooling_size=None"):
-        model(torch.randn(1, 1, 64, 64))
+    # The window must fit once and only once: maps of 4 to 7 pixels a side; 3 or 8 are refused.
+    for side in (4, 7):
+        assert model(torch.randn(1, 1, 4 * side, 4 * side)).logits.shape == (1, 3)
+    for side in (3, 8, 16):
+        with pytest.raises(ValueError, match="pooling_size=None"):
+            model(torch.randn(1, 1, 4 * side, 4 * side))
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -225,17 +280,42 @@ def test_processor_pads_to_square_and_resizes_for_food101():
         (WideResNetConfig, {"widen_factor": 0}, "widen_factor must be a positive integer"),
         (WideResNetConfig, {"dropout_rate": 1.0}, r"dropout_rate must lie in \[0, 1\)"),
         (WideResNetConfig, {"num_channels": 2}, "num_channels must be 1"),
+        (WideResNetConfig, {"depth": 4}, r"depth must be 6n \+ 4"),
+        (WideResNetConfig, {"dropout_rate": -0.1}, r"dropout_rate must lie in \[0, 1\)"),
         (WideResNetConfig, {"pooling_size": 0}, "pooling_size must be None"),
-        (PyramidNetConfig, {"depth": 21}, r"depth must be 6n \+ 2"),
-        (PyramidNetConfig, {"depth": 14, "bottleneck": True}, r"depth must be 9n \+ 2"),
+        (WideResNetConfig, {"pooling_size": 1.5}, "pooling_size must be None"),
+        (WideResNetConfig, {"label_smoothing": 1.0}, "label_smoothing must lie in"),
+        (
+            PyramidNetConfig,
+            {"depth": 21},
+            r"depth must be 6n \+ 2 with n >= 1 for basic units: 8, 14, 20, \.\.\., 272",
+        ),
+        (PyramidNetConfig, {"depth": 2}, r"depth must be 6n \+ 2 with n >= 1"),
+        (
+            PyramidNetConfig,
+            {"depth": 14, "bottleneck": True},
+            r"depth must be 9n \+ 2 with n >= 1 for bottleneck units: 11, 20, 29, \.\.\., 272",
+        ),
         (PyramidNetConfig, {"alpha": 0}, "alpha must be a positive integer"),
         (PyramidNetConfig, {"num_channels": 4}, "num_channels must be 1"),
+        (PyramidNetConfig, {"pooling_size": 0}, "pooling_size must be None"),
+        (PyramidNetConfig, {"pooling_size": 1.5}, "pooling_size must be None"),
         (PyramidNetConfig, {"label_smoothing": -0.1}, "label_smoothing must lie in"),
+        (PyramidNetConfig, {"label_smoothing": 1.0}, "label_smoothing must lie in"),
     ],
 )
 def test_invalid_configs_raise_value_error(factory, kwargs, message):
     with pytest.raises(ValueError, match=message):
         factory(**kwargs)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES.values(), ids=list(ARCHITECTURES))
+def test_defaults_are_the_papers_size_and_the_boundaries_are_accepted(architecture):
+    _, size = resolve_model(architecture.paper_variant)
+    defaults = architecture.config_class()
+    assert {key: getattr(defaults, key) for key in size} == size
+    config = architecture.config_class(pooling_size=1, label_smoothing=0.0)
+    assert (config.pooling_size, config.label_smoothing) == (1, 0.0)
 
 
 def test_every_architecture_has_a_tiny_size():
