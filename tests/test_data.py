@@ -238,6 +238,10 @@ def test_split_serves_trainer_batches(tmp_path):
     assert batch["labels"].dtype == torch.int64 and batch["labels"].tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="uint8"):
         ImageClassificationSplit(images.long(), torch.arange(10))
+    with pytest.raises(ValueError, match="labels must be an int64 tensor with one label per image"):
+        ImageClassificationSplit(images, torch.arange(10, dtype=torch.int32))  # the right shape, another dtype
+    with pytest.raises(ValueError, match="labels must be an int64 tensor with one label per image"):
+        ImageClassificationSplit(images, torch.arange(9))
 
 
 def test_generic_dataset_detects_columns_and_uses_validation(tmp_path):
@@ -365,6 +369,11 @@ def test_bad_names_and_arguments(tmp_path):
         load_image_classification_dataset("cifar10", label_column="x", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="image_size"):
         load_image_classification_dataset("digits", image_size=(8, 0), cache_dir=tmp_path)
+    # An int is a square size, and 1 is a size.
+    assert load_image_classification_dataset("digits", image_size=1, cache_dir=tmp_path).train.images.shape[-2:] == (
+        1,
+        1,
+    )
     with pytest.raises(
         ValueError, match="coarse_labels=True only applies to the presets with superclasses \\('cifar100'\\)"
     ):
@@ -484,7 +493,7 @@ def test_first_decode_shows_progress_and_logs_the_cache(tmp_path, capfd, caplog,
     with caplog.at_level(logging.INFO, logger="hf_aace"):
         load_image_classification_dataset("digits", cache_dir=tmp_path / "shown")
     shown = capfd.readouterr().err
-    assert "Decoding the train images" in shown and "1437/1437" in shown
+    assert "Decoding the train images" in shown and "1437/1437" in shown and " images/s]" in shown
     assert "Decoding the test images" in shown and "360/360" in shown
     (cache_file,) = (tmp_path / "shown").glob("*.safetensors")
     assert f"Decoding sklearn.datasets.load_digits; it will be cached in {cache_file}" in caplog.text
@@ -570,6 +579,12 @@ def test_integer_labels_name_their_classes_and_a_stray_one_is_located(tmp_path):
     source = _integer_labelled(tmp_path, [0, 1, 2], [1, 50, 2])
     with pytest.raises(ValueError, match=r"^Column 'label' holds integer labels up to 50, .*in split 'test', row 1;"):
         load_image_classification_dataset(source, label_column="label", cache_dir=tmp_path)
+    # No label at all (-1 everywhere, as unlabelled copies mark them): no classes, and the first row is named.
+    source = _integer_labelled(tmp_path, [-1, -1], [-1])
+    with pytest.raises(
+        ValueError, match=r"^Label -1 in split 'train', row 0 \(column 'label'\) is outside the 0 classes"
+    ):
+        load_image_classification_dataset(source, label_column="label", cache_dir=tmp_path)
     source = _integer_labelled(tmp_path, [0, 1, 50], [1, 2])
     with pytest.raises(ValueError, match=r"^Column 'label' holds integer labels up to 50, .*in split 'train', row 2;"):
         load_image_classification_dataset(source, label_column="label", cache_dir=tmp_path)
@@ -608,3 +623,53 @@ def test_channels_follow_the_declared_mode_else_the_majority_of_images(tmp_path)
         gray, "image", "train", 1, decoding.Preparation(size=None, pad_to_square=False, num_channels=1)
     )
     assert images.shape == (2, 1, 4, 4) and images.dtype == torch.uint8
+
+
+def test_a_preset_reads_its_own_test_split(tmp_path):
+    # Food-101's test split is "validation": a copy that also has a "test" split is still evaluated on "validation".
+    features = datasets.Features({"image": datasets.Image(), "label": class_label(2)})
+    image = encode(np.zeros((4, 4, 3), np.uint8))
+    rows = {split: {"image": [image] * n, "label": [0, 1, 0][:n]} for split, n in (("train", 2), ("validation", 3))}
+    rows["test"] = {"image": [image], "label": [1]}
+    source = write_hub_dataset(tmp_path / "food", features, rows)
+    data = load_image_classification_dataset("food101", source=str(source), image_size=4, cache_dir=tmp_path)
+    assert data.test_split == "validation" and len(data.test) == 3
+
+
+def test_each_setting_the_pixels_depend_on_is_part_of_the_cache_key(tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": class_label(2)})
+    rng = np.random.default_rng(7)
+
+    def write():
+        rows = {
+            split: {
+                "image": [encode(rng.integers(0, 256, (4, 8, 3), dtype=np.uint8)) for _ in range(2)],
+                "label": [0, 1],
+            }
+            for split in ("train", "test")
+        }
+        return str(write_hub_dataset(tmp_path / "d", features, rows))
+
+    source = write()
+    cache = tmp_path / "cache"
+
+    def load(**settings):
+        return load_image_classification_dataset(source, image_size=4, cache_dir=cache, **settings).train.images
+
+    plain = load()
+    padded = load(pad_to_square=True)  # 4 x 8 images: padding to a square changes every resized pixel
+    gray = load(num_channels=1)
+    assert len(list(cache.glob("*.safetensors"))) == 3
+    assert not torch.equal(padded, plain) and gray.shape[1] == 1 and torch.equal(load(), plain)
+
+
+def test_a_relative_folder_name_loads_with_its_size(tmp_path, monkeypatch):
+    # A folder named without a "/" is still a folder, not an unknown preset; sizes need not be square.
+    features = datasets.Features({"image": datasets.Image(), "label": class_label(2)})
+    image = encode(np.zeros((6, 6, 3), np.uint8))
+    rows = {split: {"image": [image, image], "label": [0, 1]} for split in ("train", "test")}
+    write_hub_dataset(tmp_path / "mydata", features, rows)
+    monkeypatch.chdir(tmp_path)
+    data = load_image_classification_dataset("mydata", image_size=(4, 6), cache_dir=tmp_path / "cache")
+    assert data.train.images.shape[-2:] == (4, 6) and data.image_size == (4, 6)
+    assert data.augmentation == AugmentationSettings.scaled_to((4, 6))

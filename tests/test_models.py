@@ -316,6 +316,8 @@ def test_defaults_are_the_papers_size_and_the_boundaries_are_accepted(architectu
     assert {key: getattr(defaults, key) for key in size} == size
     config = architecture.config_class(pooling_size=1, label_smoothing=0.0)
     assert (config.pooling_size, config.label_smoothing) == (1, 0.0)
+    narrowest = {"wide_resnet": {"widen_factor": 1}, "pyramidnet": {"alpha": 1}}[architecture.name]
+    assert architecture.config_class(**narrowest).to_dict().items() >= narrowest.items()
 
 
 def test_every_architecture_has_a_tiny_size():
