@@ -3,6 +3,7 @@
 import io
 
 import datasets
+import numpy as np
 import PIL.Image
 import yaml
 
@@ -32,3 +33,20 @@ def write_hub_dataset(root, features, splits, parquet_features=None):
     }
     (root / "README.md").write_text(f"---\n{yaml.safe_dump(card)}---\n")
     return root
+
+
+def write_integer_label_dataset(directory, train_labels, test_labels=(0, 1)) -> str:
+    """A dataset of random 4x4 grayscale images whose "label" column holds plain integers (no ClassLabel names).
+
+    It is written to a folder of `directory` named after the largest labels, and its path is returned.
+    """
+    rng = np.random.default_rng(1)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    splits = {
+        split: {
+            "image": [encode(rng.integers(0, 256, (4, 4), dtype=np.uint8)) for _ in labels],
+            "label": list(labels),
+        }
+        for split, labels in (("train", train_labels), ("test", test_labels))
+    }
+    return str(write_hub_dataset(directory / f"labels-{max(train_labels)}-{max(test_labels)}", features, splits))

@@ -30,7 +30,7 @@ from hf_aace.data import (
 )
 from hf_aace.image_processing_aace import prepare_image
 
-from hub_datasets import encode, write_hub_dataset
+from hub_datasets import encode, write_hub_dataset, write_integer_label_dataset
 
 
 @pytest.fixture(autouse=True)
@@ -559,33 +559,22 @@ def test_the_decoded_cache_defaults_to_hf_home():
     assert DecodedCache.locate("elsewhere", "someone/my data", image_size=32).path.name == cache.path.name
 
 
-def _integer_labelled(tmp_path, train_labels, test_labels):
-    rng = np.random.default_rng(1)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
-    rows = {
-        split: {"image": [encode(rng.integers(0, 256, (4, 4), dtype=np.uint8)) for _ in labels], "label": labels}
-        for split, labels in (("train", train_labels), ("test", test_labels))
-    }
-    name = f"labels-{max(train_labels)}-{max(test_labels)}"
-    return str(write_hub_dataset(tmp_path / name, features, rows))
-
-
 def test_integer_labels_name_their_classes_and_a_stray_one_is_located(tmp_path):
     data = load_image_classification_dataset(
-        _integer_labelled(tmp_path, [0, 1, 2, 3], [3, 0]), label_column="label", cache_dir=tmp_path
+        write_integer_label_dataset(tmp_path, [0, 1, 2, 3], [3, 0]), label_column="label", cache_dir=tmp_path
     )
     assert data.label_names == ["0", "1", "2", "3"] and data.test.labels.tolist() == [3, 0]
     # The largest label is in the test split: the message points there, with the column.
-    source = _integer_labelled(tmp_path, [0, 1, 2], [1, 50, 2])
+    source = write_integer_label_dataset(tmp_path, [0, 1, 2], [1, 50, 2])
     with pytest.raises(ValueError, match=r"^Column 'label' holds integer labels up to 50, .*in split 'test', row 1;"):
         load_image_classification_dataset(source, label_column="label", cache_dir=tmp_path)
     # No label at all (-1 everywhere, as unlabelled copies mark them): no classes, and the first row is named.
-    source = _integer_labelled(tmp_path, [-1, -1], [-1])
+    source = write_integer_label_dataset(tmp_path, [-1, -1], [-1])
     with pytest.raises(
         ValueError, match=r"^Label -1 in split 'train', row 0 \(column 'label'\) is outside the 0 classes"
     ):
         load_image_classification_dataset(source, label_column="label", cache_dir=tmp_path)
-    source = _integer_labelled(tmp_path, [0, 1, 50], [1, 2])
+    source = write_integer_label_dataset(tmp_path, [0, 1, 50], [1, 2])
     with pytest.raises(ValueError, match=r"^Column 'label' holds integer labels up to 50, .*in split 'train', row 2;"):
         load_image_classification_dataset(source, label_column="label", cache_dir=tmp_path)
 

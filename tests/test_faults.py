@@ -29,7 +29,7 @@ from hf_aace import (
 from hf_aace.data import load_image_classification_dataset
 from hf_aace.image_processing_aace import prepare_image
 
-from hub_datasets import encode, write_hub_dataset
+from hub_datasets import encode, write_hub_dataset, write_integer_label_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
@@ -205,19 +205,9 @@ def test_evaluate_refuses_a_missing_folder_and_other_class_names(pushed_run, tmp
         evaluate.main(argv)
 
 
-def integer_label_dataset(tmp_path, train_labels):
-    rng = np.random.default_rng(1)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
-    splits = {
-        split: {"image": [encode(rng.integers(0, 256, (4, 4), dtype=np.uint8)) for _ in labels], "label": labels}
-        for split, labels in (("train", train_labels), ("test", [0, 1]))
-    }
-    return str(write_hub_dataset(tmp_path / f"labels-{max(train_labels)}", features, splits))
-
-
 @pytest.mark.parametrize("stray", [2_000_000, 10**12])
 def test_a_stray_integer_label_is_refused_not_a_huge_model(tmp_path, stray):
-    source = integer_label_dataset(tmp_path, [0, 1, 2, stray, 1])
+    source = write_integer_label_dataset(tmp_path, [0, 1, 2, stray, 1])
     with pytest.raises(
         ValueError, match=rf"labels up to {stray}, but only 4 of those {stray + 1} classes occur.*row 3"
     ):
@@ -242,7 +232,7 @@ def test_sixteen_bit_grayscale_is_scaled_not_saturated(tmp_path):
 
 
 def test_a_truncated_dataset_cache_is_decoded_again(tmp_path):
-    source = integer_label_dataset(tmp_path, [0, 1, 1])
+    source = write_integer_label_dataset(tmp_path, [0, 1, 1])
     first = load_image_classification_dataset(source, label_column="label", cache_dir=tmp_path / "cache")
     (cache_file,) = (tmp_path / "cache").glob("*.safetensors")
     cache_file.write_bytes(cache_file.read_bytes()[:100])

@@ -31,6 +31,7 @@ from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from hf_aace import AACETrainer, AACETrainingArguments, aace_loss
 from hf_aace.methods import METHODS
 
+from test_trainer import assert_state_close
 from test_trainer import make_args as trainer_test_args
 
 VOCAB, LABELS, BATCH, LENGTH = 24, 3, 4, 6
@@ -145,6 +146,11 @@ def build(name: str, n: int = 8):
     return model, ListDataset(rows)
 
 
+def micro_batches(dataset, size: int, count: int) -> list[dict]:
+    """The first `count` collated batches of `size` rows, in order, as the Trainer's sequential sampler gives them."""
+    return [default_data_collator([dataset[j] for j in range(i * size, (i + 1) * size)]) for i in range(count)]
+
+
 def make_args(tmp_path, **overrides) -> AACETrainingArguments:
     """The settings of tests/test_trainer.py (one SGD step, no clipping, sequential batches) with batches of 4."""
     return trainer_test_args(tmp_path, **{"per_device_train_batch_size": BATCH, **overrides})
@@ -242,9 +248,7 @@ def check_step(tmp_path, name: str, method: str, accumulation: int = 1) -> None:
     trainer = AACETrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
     trainer.train()
     size = BATCH // accumulation
-    batches = [
-        default_data_collator([dataset[j] for j in range(i * size, (i + 1) * size)]) for i in range(accumulation)
-    ]
+    batches = micro_batches(dataset, size, accumulation)
     first_losses, clean_losses = reference_step(name, expected, batches, method, rho, lr=0.1)
 
     changed = False
@@ -417,7 +421,7 @@ def test_label_names_are_honoured(tmp_path):
     trainer.train()
     torch.manual_seed(0)
     reference = DictClassifier()
-    batches = [default_data_collator([dataset[i] for i in range(j, j + 2)]) for j in (0, 2)]
+    batches = micro_batches(dataset, 2, 2)
     _, clean_losses = reference_step("dict_module", reference, batches, "aace", 0.2, lr=0.1)
     for value, ref in zip(model.state_dict().values(), reference.state_dict().values()):
         torch.testing.assert_close(value, ref, rtol=2e-5, atol=2e-6)
@@ -460,8 +464,7 @@ def test_sgd_method_with_gradient_accumulation_is_the_plain_trainer_step(tmp_pat
         )
         cls(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator).train()
         models.append(model)
-    for (key, value), reference in zip(models[1].state_dict().items(), models[0].state_dict().values()):
-        assert torch.equal(value, reference), key
+    assert_state_close(models[1], models[0], tolerance=0)
 
 
 def test_aace_refuses_models_with_several_label_tensors(tmp_path):
@@ -519,7 +522,7 @@ def test_a_loss_scaled_by_the_subclass_is_logged_on_the_step_scale(tmp_path):
     args = make_args(tmp_path, sam_method="sam", per_device_train_batch_size=2, gradient_accumulation_steps=2)
     trainer = StepScaledTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
     trainer.train()
-    batches = [default_data_collator([dataset[i] for i in range(j, j + 2)]) for j in (0, 2)]
+    batches = micro_batches(dataset, 2, 2)
     clean = sum(initial(**b)["loss"].item() for b in batches) / 2
     entry = next(e for e in trainer.state.log_history if "clean_loss" in e)
     assert entry["clean_loss"] == pytest.approx(clean, rel=1e-5)
@@ -552,7 +555,7 @@ def test_causal_lm_targets_are_counted_across_processes_as_the_trainer_counts_to
     # Another process with a third of this one's targets: what accelerate's gather would return beside ours.
     monkeypatch.setattr(type(args), "world_size", property(lambda self: world_size))
     monkeypatch.setattr(trainer.accelerator, "gather", lambda t: torch.stack([t, t // 3]))
-    batches = [default_data_collator([dataset[i] for i in range(j, j + 2)]) for j in (0, 2)]
+    batches = micro_batches(dataset, 2, 2)
     trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
     local = sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in batches)
     assert trainer._class_label_items.item() == (local + local // 3 if gathered else local)
