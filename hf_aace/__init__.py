@@ -13,8 +13,9 @@ from .models import (
     WideResNetForImageClassification,
     WideResNetModel,
 )
+from .sharpness_aware import sharpness_aware
 from .trainer import AACETrainer
-from .training_args import AACETrainingArguments
+from .training_args import AACETrainingArguments, SharpnessAwareArguments
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "PyramidNetConfig",
     "PyramidNetForImageClassification",
     "PyramidNetModel",
+    "SharpnessAwareArguments",
     "TrainingDivergedError",
     "WideResNetConfig",
     "WideResNetForImageClassification",
@@ -37,4 +39,5 @@ __all__ = [
     "augmentation_for",
     "convert_reference_checkpoint",
     "load_image_classification_dataset",
+    "sharpness_aware",
 ]

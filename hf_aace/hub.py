@@ -9,6 +9,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modelcard import TASK_MAPPING, TASK_TAG_TO_NAME_MAPPING
+from transformers.models.auto import modeling_auto
+from transformers.pipelines import SUPPORTED_TASKS, TASK_ALIASES
 from transformers.trainer_utils import unwrap_peft_model
 
 from .methods import METHODS
@@ -26,18 +28,48 @@ CITATION = """@inproceedings{ratchatorn2024aace,
 
 PROCESSOR_FILES = (  # what `save_pretrained` writes, and the Auto class that loads it
     ("processor_config.json", "AutoProcessor"),
-    ("preprocessor_config.json", "AutoImageProcessor"),
+    ("preprocessor_config.json", "AutoImageProcessor"),  # or AutoFeatureExtractor: see `saved_processor_class`
     ("tokenizer_config.json", "AutoTokenizer"),
 )
-AUTO_MODEL_CLASSES = {
-    "image-classification": "AutoModelForImageClassification",
-    "text-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "text-generation": "AutoModelForCausalLM",
-    "fill-mask": "AutoModelForMaskedLM",
-    "text2text-generation": "AutoModelForSeq2SeqLM",
-    "question-answering": "AutoModelForQuestionAnswering",
-    "audio-classification": "AutoModelForAudioClassification",
+
+
+# Auto class -> the model classes it loads (a `MODEL_*_MAPPING_NAMES` dict). Any Auto class listing a model class
+# loads that very class, head included; AutoModel comes first so that base models get the usual name.
+_AUTO_CLASS_MAPPINGS = {
+    name: auto._model_mapping._model_mapping
+    for name, auto in sorted(vars(modeling_auto).items(), key=lambda item: item[0] != "AutoModel")
+    if name.startswith("AutoModel")
+    and isinstance(getattr(getattr(auto, "_model_mapping", None), "_model_mapping", None), dict)
+}
+# Tasks that the Trainer's `tasks` option (and the Hub) name but TASK_MAPPING does not list.
+_EXTRA_CARD_TASKS = {
+    "multiple-choice": modeling_auto.MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES,
+    "summarization": modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    "translation": modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    "zero-shot-classification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+}
+
+
+def _auto_classes_of(names: dict[str, str]) -> tuple[str, ...]:
+    """The Auto classes of a task's model names: the one wrapping that very dict, or those of the dicts it unites.
+
+    A TASK_MAPPING value is one `MODEL_FOR_*_MAPPING_NAMES` dict, or for speech recognition the union of two (CTC and
+    speech seq2seq), which no Auto class wraps.
+    """
+    exact = [auto for auto, mapping in _AUTO_CLASS_MAPPINGS.items() if mapping is names]
+    return tuple(exact) or tuple(
+        auto for auto, mapping in _AUTO_CLASS_MAPPINGS.items() if mapping and mapping.items() <= names.items()
+    )
+
+
+# Task -> its Auto classes, the first being the one to show when the model is in none of them.
+AUTO_MODEL_CLASSES = {task: _auto_classes_of(names) for task, names in {**_EXTRA_CARD_TASKS, **TASK_MAPPING}.items()}
+# The processors a pipeline of each input type reads; a snippet shows no pipeline the saved processor cannot feed.
+_PIPELINE_PROCESSORS = {
+    "text": ("AutoTokenizer", "AutoProcessor"),
+    "image": ("AutoImageProcessor", "AutoProcessor"),
+    "audio": ("AutoFeatureExtractor", "AutoProcessor"),
+    "automatic-speech-recognition": ("AutoProcessor",),  # the feature extractor and the tokenizer that decodes
 }
 
 
@@ -53,12 +85,45 @@ def pipeline_task(model: nn.Module) -> str | None:
     if getattr(config, "model_type", None) in OWN_MODEL_TYPES:
         return "image-classification"
     name = type(model).__name__
-    return next((task for task, classes in TASK_MAPPING.items() if name in classes.values()), None)
+    task = next((task for task, classes in TASK_MAPPING.items() if name in classes.values()), None)
+    # Multiple-choice heads are in no TASK_MAPPING entry; the Hub still knows the task.
+    return task or (
+        "multiple-choice" if name in modeling_auto.MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES.values() else None
+    )
 
 
 def saved_processor_class(folder: str) -> str | None:
-    """The Auto class of the processor saved in `folder` (None when none was saved)."""
-    return next((auto for file, auto in PROCESSOR_FILES if os.path.isfile(os.path.join(folder, file))), None)
+    """The Auto class of the processor saved in `folder` (None when none was saved).
+
+    `preprocessor_config.json` holds an image processor or a feature extractor (audio models); AutoImageProcessor
+    refuses the latter, so its own keys tell which Auto class loads it.
+    """
+    auto = next((auto for file, auto in PROCESSOR_FILES if os.path.isfile(os.path.join(folder, file))), None)
+    if auto == "AutoImageProcessor":
+        with open(os.path.join(folder, "preprocessor_config.json")) as file:
+            settings = json.load(file)
+        image_processor = "image_processor_type" in settings or "AutoImageProcessor" in settings.get("auto_map", {})
+        if not image_processor and "feature_extractor_type" in settings:
+            return "AutoFeatureExtractor"
+    return auto
+
+
+def auto_model_class(task: str | None, model_class: str) -> str:
+    """The Auto class that loads `model_class` with its head, for a card naming `task`.
+
+    Args:
+        task: the card's task (None when it names none).
+        model_class: the class name of the (base) model, e.g. "Wav2Vec2ForCTC".
+
+    Returns:
+        The task's Auto class whose mapping lists the model; else any Auto class listing it (a task given by hand
+        that does not fit the model must not drop its head); else the task's first; else "AutoModel".
+    """
+    candidates = AUTO_MODEL_CLASSES.get(task, ())
+    for auto in (*candidates, *_AUTO_CLASS_MAPPINGS):
+        if model_class in _AUTO_CLASS_MAPPINGS.get(auto, {}).values():
+            return auto
+    return candidates[0] if candidates else "AutoModel"
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:
@@ -196,7 +261,7 @@ Measured at the end of this run (`{test_split}` split for test metrics):
 ## How to use
 
 ```python
-{_usage(repo_id or model_name, task, own, processor_class, base_model if is_adapter else None)}
+{_usage(repo_id or model_name, task, type(base).__name__, own, processor_class, base_model if is_adapter else None)}
 ```
 {_usage_note(own)}
 ## Training arguments
@@ -294,10 +359,51 @@ def _architecture_text(model: nn.Module, config: PretrainedConfig, architecture:
     return text
 
 
-def _usage(repo: str, task: str | None, own: bool, processor_class: str | None, adapter_base: str | None) -> str:
-    auto_model = AUTO_MODEL_CLASSES.get(task, "AutoModel")
+def _pipeline_name(task: str | None, auto_model: str, processor_class: str | None) -> str | None:
+    """The name `pipeline()` accepts for the card's task, or None when it has no pipeline that can run this model.
+
+    Card tasks are Hub tags: some have no pipeline in transformers 5 (multiple-choice, question-answering,
+    summarization, text2text-generation), and a pipeline needs the processor of its input type.
+    """
+    name = TASK_ALIASES.get(task, task)
+    if name not in SUPPORTED_TASKS or auto_model not in {auto.__name__ for auto in SUPPORTED_TASKS[name]["pt"]}:
+        return None
+    needed = _PIPELINE_PROCESSORS.get(name, _PIPELINE_PROCESSORS.get(SUPPORTED_TASKS[name]["type"]))
+    return name if processor_class and (needed is None or processor_class in needed) else None
+
+
+# Direct calls for heads without a pipeline, written against `model` and `tokenizer`.
+_TOKENIZER_CALLS = {
+    "AutoModelForSeq2SeqLM": """
+inputs = tokenizer("hf_aace trains models with adaptive adversarial cross-entropy.", return_tensors="pt")
+output_ids = model.generate(**inputs, max_new_tokens=32)
+print(tokenizer.batch_decode(output_ids, skip_special_tokens=True))""",
+    "AutoModelForQuestionAnswering": """
+inputs = tokenizer("What does hf_aace train with?", "hf_aace trains with AACE-SAM.", return_tensors="pt")
+outputs = model(**inputs)
+start, end = outputs.start_logits.argmax(), outputs.end_logits.argmax()
+print(tokenizer.decode(inputs["input_ids"][0, start : end + 1]))""",
+    "AutoModelForMultipleChoice": """
+prompt = "The model was trained with"
+choices = ["sharpness-aware minimization.", "a hammer."]
+inputs = tokenizer([prompt] * len(choices), choices, return_tensors="pt", padding=True)
+logits = model(**{key: value.unsqueeze(0) for key, value in inputs.items()}).logits  # (1, choices)
+print(choices[logits.argmax().item()])""",
+}
+
+
+def _usage(
+    repo: str, task: str | None, model_class: str, own: bool, processor_class: str | None, adapter_base: str | None
+) -> str:
+    """The "How to use" code: it loads the model with its head and, where it can, runs it on an example."""
+    auto_model = auto_model_class(task, model_class)
     remote = ", trust_remote_code=True" if own else ""
-    imports = sorted({auto_model, *([processor_class] if processor_class else []), *(["pipeline"] if task else [])})
+    # An adapter loads onto a base model object, which a pipeline named by folder cannot do.
+    pipeline_name = None if adapter_base is not None else _pipeline_name(task, auto_model, processor_class)
+    call = _TOKENIZER_CALLS.get(auto_model) if processor_class == "AutoTokenizer" else None
+    imports = sorted(
+        {auto_model, *([processor_class] if processor_class else []), *(["pipeline"] if pipeline_name else [])}
+    )
     lines = [f"from transformers import {', '.join(imports)}", ""]
     if adapter_base is not None:
         lines[0:0] = ["from peft import PeftModel"]
@@ -305,13 +411,15 @@ def _usage(repo: str, task: str | None, own: bool, processor_class: str | None, 
             f'base = {auto_model}.from_pretrained("{adapter_base}")',
             f'model = PeftModel.from_pretrained(base, "{repo}")',
         ]
-        return "\n".join(lines)
-    lines.append(f'model = {auto_model}.from_pretrained("{repo}"{remote})')
+    else:
+        lines.append(f'model = {auto_model}.from_pretrained("{repo}"{remote})')
     if processor_class:
         variable = "tokenizer" if processor_class == "AutoTokenizer" else "processor"
         lines.append(f'{variable} = {processor_class}.from_pretrained("{repo}"{remote})')
-    if task and processor_class:
-        lines.append(f'pipe = pipeline("{task}", model="{repo}"{remote})')
+    if pipeline_name:
+        lines.append(f'pipe = pipeline("{pipeline_name}", model="{repo}"{remote})')
+    elif call:
+        lines.append(call)
     return "\n".join(lines)
 
 

@@ -13,6 +13,8 @@ import torch
 from transformers import Trainer
 from transformers.utils import logging
 
+from .trainer_internals import prepare_inputs
+
 logger = logging.get_logger(__name__)
 
 AUGMENTATION_STATE_NAME = "augmentation_state_{}.pth"
@@ -49,19 +51,30 @@ class ImageBatchMixin:
         """Whether weights and image batches use the channels_last memory format."""
         return bool(getattr(self.args, "channels_last", False))
 
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return super().training_step(model, self.prepare_image_batch(inputs), num_items_in_batch)
+
     def prepare_image_batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """A training micro-batch on the device, augmented and in the model's memory format."""
-        inputs = self._prepare_inputs(inputs)
+        inputs = prepare_inputs(self, inputs)
         if self.augmentation is not None:
             inputs["pixel_values"] = self.augmentation(inputs["pixel_values"])
         return self._to_memory_format(inputs)
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        if self.augmentation is not None and inputs["pixel_values"].dtype == torch.uint8:
-            inputs = self._prepare_inputs(inputs)
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **kwargs):
+        # **kwargs: Seq2SeqTrainer's generation keyword arguments pass through.
+        pixel_values = inputs.get("pixel_values")
+        if (
+            self.augmentation is not None
+            and isinstance(pixel_values, torch.Tensor)
+            and pixel_values.dtype == torch.uint8
+        ):
+            inputs = prepare_inputs(self, inputs)
             inputs["pixel_values"] = self.augmentation.normalize(inputs["pixel_values"])
         inputs = self._to_memory_format(inputs)
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **kwargs)
 
     def _to_memory_format(self, inputs: dict[str, Any]) -> dict[str, Any]:
         pixel_values = inputs.get("pixel_values")
@@ -69,6 +82,7 @@ class ImageBatchMixin:
             inputs["pixel_values"] = pixel_values.contiguous(memory_format=torch.channels_last)
         return inputs
 
+    # Private Trainer hooks (listed in hf_aace.trainer_internals): the augmentation stream travels with the RNG state.
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
         if self.augmentation is not None:
@@ -100,11 +114,6 @@ class ImageBatchTrainer(ImageBatchMixin, Trainer):
     >>> trainer.evaluate(data.test)  # doctest: +SKIP
     ```
     """
-
-    def training_step(
-        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return super().training_step(model, self.prepare_image_batch(inputs), num_items_in_batch)
 
 
 __all__ = ["AUGMENTATION_STATE_NAME", "ImageBatchMixin", "ImageBatchTrainer"]

@@ -1,4 +1,10 @@
-"""AACETrainingArguments: the Trainer's arguments plus the sharpness-aware ones, all usable as CLI flags."""
+"""Arguments of the two-pass step: `SharpnessAwareArguments` for any Trainer, `AACETrainingArguments` for hf_aace's.
+
+`SharpnessAwareArguments` holds the settings of the sharpness-aware step alone, so that `HfArgumentParser` can parse
+it beside any arguments class (`Seq2SeqTrainingArguments`, TRL's `SFTConfig`, ...) and `sharpness_aware(trainer)`
+subclasses can take it as `sharpness_aware_args=`. `AACETrainingArguments` is `TrainingArguments` plus these fields
+plus the paper's recipe settings, for `scripts/train.py` and hyperparameter searches, which set fields on `args`.
+"""
 
 import math
 from dataclasses import dataclass, field
@@ -11,25 +17,21 @@ from .methods import METHODS, SharpnessAwareMethod, get_method
 
 
 @dataclass
-class AACETrainingArguments(TrainingArguments):
-    """[`~transformers.TrainingArguments`] with the settings of the two-pass sharpness-aware step.
+class SharpnessAwareArguments:
+    """The settings of the two-pass sharpness-aware step, for any Trainer.
 
     Left unset, `rho` and `normalize_perturbation` take the method's default (`hf_aace.methods.METHODS`): aace 0.2
     without normalisation (the paper's setting), sam 0.05 and asam 0.5, both normalised. The defaults are resolved
     when read (`perturbation_rho`, `perturbation_normalized`), so arguments copied with another `sam_method`, or a
     hyperparameter search over it, take the new method's defaults; explicit values always win.
 
-    It also holds the paper's recipe settings that the Trainer itself carries out (`weight_decay_all_parameters` for
-    the optimizer's parameter groups, `lr_milestones`/`lr_gamma` for the scheduler, `channels_last` for the memory
-    format): they change how the Trainer builds its optimizer, scheduler and batches, as the Trainer's own arguments
-    do, so they sit beside them and work as CLI flags. `ImageBatchTrainer` reads `channels_last` where the arguments
-    have it.
-
     Example:
     ```python
-    >>> from hf_aace import AACETrainingArguments
-    >>> args = AACETrainingArguments(output_dir="out", sam_method="sam")
-    >>> args.perturbation_rho, args.perturbation_normalized
+    >>> from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+    >>> from hf_aace import SharpnessAwareArguments
+    >>> parser = HfArgumentParser((Seq2SeqTrainingArguments, SharpnessAwareArguments))
+    >>> args, sharpness = parser.parse_args_into_dataclasses(["--output_dir", "out", "--sam_method", "sam"])
+    >>> sharpness.perturbation_rho, sharpness.perturbation_normalized
     (0.05, True)
     ```
     """
@@ -56,6 +58,77 @@ class AACETrainingArguments(TrainingArguments):
         default="adaptive",
         metadata={"help": "How the AACE target spreads over the wrong classes.", "choices": list(AACE_MODES)},
     )
+    stop_on_divergence: bool = field(
+        default=True,
+        metadata={
+            "help": "End training with an error when the weights stop being finite, before anything non-finite is "
+            "logged or saved. False gives plain Trainer behaviour."
+        },
+    )
+
+    def __post_init__(self):
+        self.validate_sharpness_aware()
+
+    def validate_sharpness_aware(self) -> None:
+        """ValueError, naming the fix, for a setting out of range."""
+        get_method(self.sam_method)
+        if self.rho is not None and not (math.isfinite(self.rho) and self.rho > 0):
+            raise ValueError(f"--rho must be a finite number > 0 (or unset for the method's default); got {self.rho}.")
+        if not 0.0 <= self.aace_threshold <= 1.0:
+            raise ValueError(f"--aace_threshold must lie in [0, 1]; got {self.aace_threshold}.")
+        if self.aace_mode not in AACE_MODES:
+            raise ValueError(f"--aace_mode must be one of {', '.join(AACE_MODES)}; got {self.aace_mode!r}.")
+
+    @property
+    def method(self) -> SharpnessAwareMethod:
+        """The table entry of `sam_method`, read at every use."""
+        return get_method(self.sam_method)
+
+    @property
+    def perturbation_rho(self) -> float | None:
+        """`rho`, or the method's default when unset (None for "sgd")."""
+        return self.rho if self.rho is not None else self.method.default_rho
+
+    @property
+    def perturbation_normalized(self) -> bool | None:
+        """`normalize_perturbation`, or the method's default when unset (None for "sgd")."""
+        if self.normalize_perturbation is not None:
+            return self.normalize_perturbation
+        return self.method.default_normalize
+
+    def resolved_sharpness_aware(self) -> dict:
+        """The step's settings as used: `rho` and `normalize_perturbation` with the method's defaults resolved."""
+        return {
+            "sam_method": self.sam_method,
+            "rho": self.perturbation_rho,
+            "normalize_perturbation": self.perturbation_normalized,
+            "aace_threshold": self.aace_threshold,
+            "aace_mode": self.aace_mode,
+            "stop_on_divergence": self.stop_on_divergence,
+        }
+
+
+SHARPNESS_AWARE_FIELDS = tuple(SharpnessAwareArguments.__dataclass_fields__)
+
+
+@dataclass
+class AACETrainingArguments(SharpnessAwareArguments, TrainingArguments):
+    """[`~transformers.TrainingArguments`] with the [`SharpnessAwareArguments`] fields and the paper's recipe settings.
+
+    The recipe settings are ones the Trainer itself carries out (`weight_decay_all_parameters` for the optimizer's
+    parameter groups, `lr_milestones`/`lr_gamma` for the scheduler, `channels_last` for the memory format): they
+    change how the Trainer builds its optimizer, scheduler and batches, as the Trainer's own arguments do, so they sit
+    beside them and work as CLI flags. `ImageBatchTrainer` reads `channels_last` where the arguments have it.
+
+    Example:
+    ```python
+    >>> from hf_aace import AACETrainingArguments
+    >>> args = AACETrainingArguments(output_dir="out", sam_method="sam")
+    >>> args.perturbation_rho, args.perturbation_normalized
+    (0.05, True)
+    ```
+    """
+
     weight_decay_all_parameters: bool = field(
         default=False,
         metadata={"help": "Apply weight decay to every parameter (the paper), not only to non-bias, non-norm ones."},
@@ -78,13 +151,7 @@ class AACETrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        get_method(self.sam_method)
-        if self.rho is not None and not (math.isfinite(self.rho) and self.rho > 0):
-            raise ValueError(f"--rho must be a finite number > 0 (or unset for the method's default); got {self.rho}.")
-        if not 0.0 <= self.aace_threshold <= 1.0:
-            raise ValueError(f"--aace_threshold must lie in [0, 1]; got {self.aace_threshold}.")
-        if self.aace_mode not in AACE_MODES:
-            raise ValueError(f"--aace_mode must be one of {', '.join(AACE_MODES)}; got {self.aace_mode!r}.")
+        self.validate_sharpness_aware()
         if self.lr_milestones is not None:
             milestones = list(self.lr_milestones)
             if not milestones or any(not 0 < m < 1 for m in milestones) or milestones != sorted(milestones):
@@ -94,7 +161,7 @@ class AACETrainingArguments(TrainingArguments):
                 )
         if not 0 < self.lr_gamma <= 1:
             raise ValueError(f"--lr_gamma must lie in (0, 1]; got {self.lr_gamma}.")
-        super().__post_init__()
+        TrainingArguments.__post_init__(self)
         if self.fp16 and (self.use_cpu or not torch.accelerator.is_available()):
             # accelerate would run plain fp32 without a word while the saved arguments say fp16.
             raise ValueError(
@@ -116,20 +183,3 @@ class AACETrainingArguments(TrainingArguments):
         values = super().to_dict()
         values["rho"], values["normalize_perturbation"] = self.perturbation_rho, self.perturbation_normalized
         return values
-
-    @property
-    def method(self) -> SharpnessAwareMethod:
-        """The table entry of `sam_method`, read at every use."""
-        return get_method(self.sam_method)
-
-    @property
-    def perturbation_rho(self) -> float | None:
-        """`rho`, or the method's default when unset (None for "sgd")."""
-        return self.rho if self.rho is not None else self.method.default_rho
-
-    @property
-    def perturbation_normalized(self) -> bool | None:
-        """`normalize_perturbation`, or the method's default when unset (None for "sgd")."""
-        if self.normalize_perturbation is not None:
-            return self.normalize_perturbation
-        return self.method.default_normalize

@@ -1,0 +1,317 @@
+"""`sharpness_aware(trainer_class)`: any Trainer class with the two-pass sharpness-aware step of AACE, SAM or ASAM.
+
+The subclass's `training_step` builds the two closures of `hf_aace.step.two_pass_step` from the Trainer:
+
+1. first pass at w, prepared exactly as `Trainer.training_step` prepares its own (train modes of model and optimizer,
+   prepared inputs, context managers and autocast, `num_items_in_batch`), through the trainer's own `compute_loss`;
+   its objective is AACE on the pairs the model's loss uses (`hf_aace.tasks`) for "aace", the training loss itself
+   for "sam"/"asam"; taken without gradient all-reduce, with BatchNorm statistics updating;
+2. second pass at w + e: the parent class's own `training_step` (loss scaling, accumulation, all-reduce, its metrics)
+   with BatchNorm statistics frozen.
+
+Everything else (evaluation, generation, checkpoints, callbacks, `push_to_hub`) is the parent's.
+"""
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import unwrap_peft_model
+from transformers.utils import logging
+
+from .divergence import DivergenceCallback
+from .perturbation import WeightPerturbation, frozen_batchnorm_statistics
+from .step import StepStatistics, autograd_gradients, backward_gradients, two_pass_step
+from .tasks import (
+    AACETaskError,
+    ModelFacts,
+    TaskRule,
+    aace_on_pairs,
+    check_multi_hot,
+    check_pairs,
+    output_logits,
+    select_rule,
+    single_label_accuracy,
+)
+from .trainer_internals import (
+    activation_checkpointing_kwargs,
+    compute_loss_pops_labels,
+    loss_is_scaled_for_ga,
+    mean_over_data_parallel,
+    metrics_not_recorded,
+    model_loss_kwargs,
+    trainer_support,
+    training_step_preparation,
+)
+from .training_args import SHARPNESS_AWARE_FIELDS, SharpnessAwareArguments
+
+logger = logging.get_logger(__name__)
+
+METRIC_NAMES = ("perturbation_loss", "perturbation_grad_norm", "perturbation_norm", "clean_loss", "clean_accuracy")
+
+
+class SharpnessAwareMixin:
+    """The two-pass step for a `transformers.Trainer` subclass; build classes with [`sharpness_aware`].
+
+    Args:
+        sharpness_aware_args: the step's settings. Without it they are read from `args` when `args` has them (an
+            [`AACETrainingArguments`], or any arguments class with the [`SharpnessAwareArguments`] fields), else the
+            defaults of [`SharpnessAwareArguments`].
+        aace_pairs_func: for "aace" on a model none of `hf_aace.tasks.RULES` serves: `f(outputs, labels, inputs)`
+            returns the class scores (..., C) and integer labels (...) to take AACE on (-100 ignored).
+        *args, **kwargs: those of the parent Trainer class.
+    """
+
+    def __init__(
+        self,
+        *args,
+        sharpness_aware_args: SharpnessAwareArguments | None = None,
+        aace_pairs_func: Any | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if sharpness_aware_args is not None and all(hasattr(self.args, f) for f in SHARPNESS_AWARE_FIELDS):
+            raise ValueError(
+                f"{type(self).__name__} got sharpness_aware_args and arguments ({type(self.args).__name__}) that "
+                "carry the same settings; give them once: drop sharpness_aware_args, or use the Trainer's own "
+                "arguments class."
+            )
+        self._sharpness_aware_args = sharpness_aware_args
+        self.aace_pairs_func = aace_pairs_func
+        enabled, checkpointing = activation_checkpointing_kwargs(self.args)
+        if self.args.ddp_static_graph and enabled and checkpointing.get("use_reentrant"):
+            raise ValueError(
+                f"{type(self).__name__} cannot combine ddp_static_graph with reentrant gradient checkpointing: "
+                "static-graph DDP needs the first pass's gradient taken with torch.autograd.grad, which reentrant "
+                "checkpointing refuses. Drop --ddp_static_graph or set "
+                "activation_checkpointing_kwargs={'use_reentrant': False}."
+            )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                f"{type(self).__name__} does not support DeepSpeed or FSDP yet: the perturbation needs the full "
+                "parameters on every process. Launch with DDP instead (accelerate launch --multi_gpu ...)."
+            )
+        if self.sharpness_aware_args.stop_on_divergence and not any(
+            isinstance(callback, DivergenceCallback) for callback in self.callback_handler.callbacks
+        ):
+            # Non-finite weights stop training before they reach a log, an evaluation or a checkpoint.
+            self.add_callback(DivergenceCallback())
+        self._perturbation = WeightPerturbation()
+        self._metric_sums: dict[str, torch.Tensor] = {}
+        self._support = trainer_support(type(self))
+        self._task_rule: TaskRule | None = None
+        self._pairs_checked = False
+
+    @property
+    def sharpness_aware_args(self) -> SharpnessAwareArguments:
+        """The step's settings, read at every use (a hyperparameter search sets them on `args`)."""
+        if self._sharpness_aware_args is not None:
+            return self._sharpness_aware_args
+        if all(hasattr(self.args, name) for name in SHARPNESS_AWARE_FIELDS):
+            return self.args
+        self._sharpness_aware_args = SharpnessAwareArguments()
+        return self._sharpness_aware_args
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        settings = self.sharpness_aware_args
+        method = settings.method
+        if not method.perturbs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # Pass 1 at w on the module DDP wraps: DDP neither prepares nor runs a gradient all-reduce (each process
+        # perturbs with its own micro-batch's gradient, SAM's m-sharpness), and static-graph DDP sees only pass 2.
+        first_pass_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        reports: dict[str, torch.Tensor | None] = {}
+
+        def first_pass() -> torch.Tensor:
+            objective, reports["clean_loss"], reports["report_scale"], reports["clean_accuracy"] = self._first_pass(
+                first_pass_model, inputs, num_items_in_batch
+            )
+            return objective
+
+        def second_pass() -> torch.Tensor:
+            with frozen_batchnorm_statistics(model):
+                return super(SharpnessAwareMixin, self).training_step(model, inputs, num_items_in_batch)
+
+        loss, statistics = two_pass_step(
+            [p for p in model.parameters() if p.requires_grad],
+            first_pass,
+            second_pass,
+            method=method,
+            rho=settings.perturbation_rho,
+            normalize=settings.perturbation_normalized,
+            perturbation=self._perturbation,
+            # Static-graph DDP counts the gradient hooks that fire in its first iterations, pass 1's too, and would
+            # then wait for twice as many in pass 2: take that gradient without accumulating into `.grad`.
+            gradient=autograd_gradients if self.args.ddp_static_graph else backward_gradients,
+            scaler=self.accelerator.scaler,
+            first_pass_context=lambda: self.accelerator.no_sync(model),
+        )
+        self._accumulate_metrics(statistics, reports)
+        return loss
+
+    def _first_pass(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+        """Forward at w: the perturbation objective, and the clean loss and accuracy for the logs.
+
+        The trainer's own `compute_loss` runs on a shallow copy of the prepared inputs (it pops the labels when a loss
+        function or label smoother is set), so the first pass computes exactly the loss the trainer trains with: the
+        model's loss, `compute_loss_func`, label smoothing or a subclass's `compute_loss`, with `num_items_in_batch`.
+        What the trainer's `compute_loss` records as its own metrics is taken back: the second pass records them.
+
+        Returns:
+            `(objective, clean_loss, report_scale, accuracy)`: the loss to differentiate; the training loss at w on
+            the scale of the logged `loss` (detached); the factor that brings the objective to the logged scale; the
+            accuracy at w for single-label classification (else None).
+        """
+        method = self.sharpness_aware_args.method
+        with training_step_preparation(self, model, inputs) as prepared:
+            labels = self._labels(prepared)
+            if labels is None and method.needs_class_labels:
+                raise AACETaskError(
+                    f"AACE (--sam_method aace) needs class labels in every training batch, under {self.label_names} "
+                    f"(got keys {sorted(prepared)}). Name the label column 'labels' or set --label_names; "
+                    "--sam_method sam or asam train with any loss."
+                )
+            with metrics_not_recorded(self, self._support):
+                loss, outputs = self._first_pass_loss(model, prepared, num_items_in_batch)
+        loss = mean_over_data_parallel(self, loss)
+        # Losses normalised over the whole accumulated batch are a fraction of a step's loss; the logs show them at
+        # the scale of the logged `loss` (the Trainer's own rule).
+        steps = self.current_gradient_accumulation_steps
+        loss_scale = steps if loss_is_scaled_for_ga(self, num_items_in_batch) else 1
+        clean_loss = loss.detach() * loss_scale
+
+        pairs, rule = None, None
+        if labels is not None and outputs is not None:
+            try:
+                pairs, rule = self._aace_pairs(model, outputs, labels, prepared, num_items_in_batch)
+            except AACETaskError:
+                if method.needs_class_labels:
+                    raise
+        accuracy = None
+        if rule is not None and rule.name == "single_label":
+            accuracy = single_label_accuracy(pairs[0].detach(), pairs[1])
+        if method.perturbation_loss == "training":
+            if not self.sharpness_aware_args.perturbation_normalized:
+                # An unnormalised perturbation follows the gradient's size: keep it that of one micro-batch's loss.
+                return loss * loss_scale, clean_loss, 1, accuracy
+            return loss, clean_loss, loss_scale, accuracy
+        settings = self.sharpness_aware_args
+        objective = aace_on_pairs(pairs, threshold=settings.aace_threshold, mode=settings.aace_mode)
+        return objective, clean_loss, 1, accuracy
+
+    def _first_pass_loss(self, model: nn.Module, inputs: dict, num_items_in_batch: Any) -> tuple[torch.Tensor, Any]:
+        """The training loss at w and the model's outputs (None where getting them would cost another forward)."""
+        support = self._support
+        if support is None or not support.outputs_from_model:
+            return self.compute_loss(model, {**inputs}, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if not self.sharpness_aware_args.method.needs_class_labels:
+            return self.compute_loss(model, {**inputs}, num_items_in_batch=num_items_in_batch), None
+        # The trainer's own outputs would be recomputed without gradients: AACE takes the model's own forward, whose
+        # loss is the trainer's for its default loss.
+        outputs = model(**inputs, **dict(support.model_inputs), **model_loss_kwargs(self, num_items_in_batch))
+        return outputs["loss"], outputs
+
+    def _aace_pairs(
+        self, model: nn.Module, outputs: Any, labels: torch.Tensor, inputs: dict, num_items_in_batch: Any
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], TaskRule | None]:
+        """The (logits, labels) pairs of this batch: the rule chosen on the first batch, checked once."""
+        unwrapped = unwrap_peft_model(self.accelerator.unwrap_model(model))
+        if self.aace_pairs_func is not None:
+            logits, pair_labels = self.aace_pairs_func(outputs, labels, inputs)
+            return (logits.reshape(-1, logits.shape[-1]), pair_labels.reshape(-1)), None
+        popped = compute_loss_pops_labels(self) and "labels" in inputs
+        facts = ModelFacts.of(unwrapped, label_smoothing=self.label_smoother is not None)
+        logits = output_logits(outputs, has_loss=not popped, class_name=facts.class_name)
+        if self._task_rule is None:
+            self._task_rule = select_rule(facts, logits, labels)
+            if self._task_rule.name == "multi_label":
+                check_multi_hot(labels)
+        pairs = self._task_rule.pairs(logits, labels, inputs)
+        model_loss = outputs.get("loss") if hasattr(outputs, "get") else None
+        if not self._pairs_checked and not popped and isinstance(model_loss, torch.Tensor):
+            check_pairs(facts, self._task_rule.name, pairs, model_loss, num_items_in_batch)
+            self._pairs_checked = True
+        return pairs, self._task_rule
+
+    def _labels(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """The batch's labels, under `label_names` (the Trainer's `label_names` or the model's)."""
+        names = self.label_names or []
+        if len(names) > 1 and self.sharpness_aware_args.method.needs_class_labels:
+            raise AACETaskError(
+                f"AACE (--sam_method aace) needs one label tensor per batch; this model takes {names}. Use "
+                "--sam_method sam or asam, which train with the model's own loss."
+            )
+        return inputs.get(names[0]) if names else None
+
+    def _accumulate_metrics(self, statistics: StepStatistics, reports: dict[str, Any]) -> None:
+        # On-device running sums: no host sync per step; `log` reduces them across processes.
+        values = {
+            "perturbation_loss": statistics.objective * reports["report_scale"],
+            "perturbation_grad_norm": statistics.grad_norm,
+            "perturbation_norm": statistics.perturbation_norm,
+            "clean_loss": reports["clean_loss"],
+            "clean_accuracy": reports["clean_accuracy"],
+            "skipped_perturbations": statistics.skipped,
+        }
+        values = {name: value.detach().float().reshape(()) for name, value in values.items() if value is not None}
+        values["count"] = torch.ones_like(values["perturbation_loss"])
+        for name, value in values.items():
+            self._metric_sums[name] = self._metric_sums[name] + value if name in self._metric_sums else value
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._metric_sums:
+            names = sorted(self._metric_sums)
+            totals = self.accelerator.reduce(torch.stack([self._metric_sums[n] for n in names]), reduction="sum")
+            totals = dict(zip(names, totals.tolist()))
+            count = totals.pop("count")
+            for name in METRIC_NAMES:
+                if name in totals:
+                    logs[name] = round(totals[name] / count, 6)
+            if totals.get("skipped_perturbations"):
+                logs["skipped_perturbations"] = int(totals["skipped_perturbations"])
+            self._metric_sums = {}
+        super().log(logs, *args, **kwargs)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def sharpness_aware(trainer_class: type[Trainer]) -> type[Trainer]:
+    """A subclass of `trainer_class` whose `training_step` is the two-pass sharpness-aware step.
+
+    Works with `Trainer`, `Seq2SeqTrainer` (generation-based evaluation untouched), TRL's `SFTTrainer` and their
+    subclasses; the trainers it cannot serve (`hf_aace.trainer_internals.TRAINERS`) are refused with the reason. The
+    same class is returned for the same `trainer_class`.
+
+    Example:
+    ```python
+    >>> from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+    >>> from hf_aace import SharpnessAwareArguments, sharpness_aware
+    >>> SAMSeq2SeqTrainer = sharpness_aware(Seq2SeqTrainer)
+    >>> trainer = SAMSeq2SeqTrainer(model=model, args=Seq2SeqTrainingArguments("out", predict_with_generate=True),
+    ...     sharpness_aware_args=SharpnessAwareArguments(sam_method="sam"), train_dataset=train)  # doctest: +SKIP
+    ```
+    """
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise ValueError(f"sharpness_aware() takes a transformers.Trainer subclass; got {trainer_class!r}.")
+    if issubclass(trainer_class, SharpnessAwareMixin):
+        return trainer_class
+    support = trainer_support(trainer_class)
+    if support is not None and support.refusal is not None:
+        raise ValueError(
+            f"sharpness_aware() cannot serve {trainer_class.__name__} ({support.name}): {support.refusal}. It serves "
+            "Trainer, Seq2SeqTrainer, TRL's SFTTrainer and their subclasses."
+        )
+    if trainer_class not in _CLASSES:
+        name = f"SharpnessAware{trainer_class.__name__}"
+        _CLASSES[trainer_class] = type(
+            name,
+            (SharpnessAwareMixin, trainer_class),
+            {"__module__": __name__, "__qualname__": name, "__doc__": SharpnessAwareMixin.__doc__},
+        )
+    return _CLASSES[trainer_class]
