@@ -12,6 +12,7 @@ The subclass's `training_step` builds the two closures of `hf_aace.step.two_pass
 Everything else (evaluation, generation, checkpoints, callbacks, `push_to_hub`) is the parent's.
 """
 
+import math
 from typing import Any
 
 import torch
@@ -118,8 +119,11 @@ class SharpnessAwareMixin:
     ) -> torch.Tensor:
         settings = self.sharpness_aware_args
         method = settings.method
-        if not method.perturbs:
+        # The interval counts optimizer steps (every micro-batch of one step alike, and a resumed run continues the
+        # same schedule: global_step is saved in checkpoints).
+        if not method.perturbs or self.state.global_step % settings.perturbation_interval != 0:
             return super().training_step(model, inputs, num_items_in_batch)
+        first_inputs = first_rows(inputs, settings.perturbation_batch_fraction)
         # Pass 1 at w on the module DDP wraps: DDP neither prepares nor runs a gradient all-reduce (each process
         # perturbs with its own micro-batch's gradient, SAM's m-sharpness), and static-graph DDP sees only pass 2.
         first_pass_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -127,7 +131,7 @@ class SharpnessAwareMixin:
 
         def first_pass() -> torch.Tensor:
             objective, reports["clean_loss"], reports["report_scale"], reports["clean_accuracy"] = self._first_pass(
-                first_pass_model, inputs, num_items_in_batch
+                first_pass_model, first_inputs, num_items_in_batch
             )
             return objective
 
@@ -276,6 +280,21 @@ class SharpnessAwareMixin:
                 logs["skipped_perturbations"] = int(totals["skipped_perturbations"])
             self._metric_sums = {}
         super().log(logs, *args, **kwargs)
+
+
+def first_rows(inputs: dict[str, Any], fraction: float) -> dict[str, Any]:
+    """The first ceil(fraction x rows) rows of a batch: every tensor whose first dimension is the batch's rows (the
+    first dimension of its first tensor) is cut, everything else is kept."""
+    if fraction >= 1.0:
+        return inputs
+    rows = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    if rows is None:
+        return inputs
+    keep = max(1, math.ceil(fraction * rows))
+    return {
+        key: value[:keep] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows else value
+        for key, value in inputs.items()
+    }
 
 
 _CLASSES: dict[type, type] = {}

@@ -58,6 +58,20 @@ class SharpnessAwareArguments:
         default="adaptive",
         metadata={"help": "How the AACE target spreads over the wrong classes.", "choices": list(AACE_MODES)},
     )
+    perturbation_interval: int = field(
+        default=1,
+        metadata={
+            "help": "Take the two-pass step on every k-th optimizer step (global steps 0, k, 2k, ...) and the plain "
+            "one-pass step between them; 1 perturbs every step."
+        },
+    )
+    perturbation_batch_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Run the first pass on the first ceil(f x rows) rows of each micro-batch (the second pass takes "
+            "them all); 1 uses the whole micro-batch."
+        },
+    )
     stop_on_divergence: bool = field(
         default=True,
         metadata={
@@ -78,6 +92,17 @@ class SharpnessAwareArguments:
             raise ValueError(f"--aace_threshold must lie in [0, 1]; got {self.aace_threshold}.")
         if self.aace_mode not in AACE_MODES:
             raise ValueError(f"--aace_mode must be one of {', '.join(AACE_MODES)}; got {self.aace_mode!r}.")
+        if isinstance(self.perturbation_interval, bool) or not (
+            isinstance(self.perturbation_interval, int) and self.perturbation_interval >= 1
+        ):
+            raise ValueError(
+                "--perturbation_interval must be a whole number of optimizer steps >= 1; got "
+                f"{self.perturbation_interval!r}."
+            )
+        if not 0.0 < self.perturbation_batch_fraction <= 1.0:
+            raise ValueError(
+                f"--perturbation_batch_fraction must lie in (0, 1]; got {self.perturbation_batch_fraction}."
+            )
 
     @property
     def method(self) -> SharpnessAwareMethod:
@@ -104,6 +129,8 @@ class SharpnessAwareArguments:
             "normalize_perturbation": self.perturbation_normalized,
             "aace_threshold": self.aace_threshold,
             "aace_mode": self.aace_mode,
+            "perturbation_interval": self.perturbation_interval,
+            "perturbation_batch_fraction": self.perturbation_batch_fraction,
             "stop_on_divergence": self.stop_on_divergence,
         }
 

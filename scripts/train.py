@@ -36,6 +36,7 @@ from hf_aace.divergence import TrainingDivergedError
 from hf_aace.metrics import compute_metrics, top_k_predictions
 from hf_aace.models.architectures import ARCHITECTURES, PAPER_TRAINING, resolve_model
 from hf_aace.plotting import plot_training_curves
+from hf_aace.training_args import SHARPNESS_AWARE_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -384,7 +385,7 @@ def changed_training_arguments(training_args: AACETrainingArguments) -> dict:
     """The training arguments that differ from their declared defaults, plus every AACE setting (for the card)."""
     # Field defaults, not a second TrainingArguments instance: building one would touch the distributed state.
     defaults = {f.name: f.default for f in fields(AACETrainingArguments) if f.default is not MISSING}
-    aace = {"sam_method", "rho", "normalize_perturbation", "aace_threshold", "aace_mode"}
+    aace = set(SHARPNESS_AWARE_FIELDS)
     derived = {"accelerator_config", "debug", "hub_token", "dataloader_pin_memory", "activation_checkpointing"}
     return {
         key: value

@@ -357,3 +357,75 @@ def test_a_dict_without_logits_is_refused_by_aace(tmp_path):
     trainer = AACETrainer(model=LogitlessClassifier(), args=aace_args(tmp_path), train_dataset=dataset)
     with pytest.raises(AACETaskError, match="no class scores in the outputs of LogitlessClassifier.*'scores'"):
         trainer.train()
+
+
+# Cheaper steps: the two-pass step on every k-th optimizer step, and pass 1 on a fraction of each micro-batch.
+
+
+def forward_rows(model: nn.Module) -> list[int]:
+    """The rows of every forward the model runs (its first positional or `features` input)."""
+    rows = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(len(args[0] if args else kwargs["features"])), with_kwargs=True
+    )
+    return rows
+
+
+def test_perturbation_interval_perturbs_every_kth_optimizer_step(tmp_path):
+    model, dataset = build("dict_module", n=16)
+    rows = forward_rows(model)
+    args = aace_args(tmp_path, max_steps=5, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     perturbation_interval=2)  # fmt: skip
+    trainer = AACETrainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    # Steps 0, 2, 4 take two passes on both micro-batches, steps 1 and 3 one pass: 3 x 2 x 2 + 2 x 2 forwards.
+    assert len(rows) == 16
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert ["perturbation_norm" in e for e in logged] == [True, False, True, False, True]
+
+
+def test_perturbation_interval_resumes_in_the_middle_of_an_interval(tmp_path):
+    def run(output_dir, max_steps, resume=None):
+        model, dataset = build("dict_module", n=16)
+        args = aace_args(output_dir, max_steps=max_steps, per_device_train_batch_size=2, perturbation_interval=3,
+                         save_strategy="steps", save_steps=2)  # fmt: skip
+        trainer = AACETrainer(model=model, args=args, train_dataset=dataset)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer
+
+    straight, _ = run(tmp_path / "straight", 5)
+    run(tmp_path / "cut", 2)  # stops after step 2, inside the interval that started at step 0
+    resumed, trainer = run(tmp_path / "cut", 5, resume=str(tmp_path / "cut" / "checkpoint-2"))
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    logged = [e for e in trainer.state.log_history if "loss" in e and e["step"] > 2]
+    # Logged steps 3, 4, 5 start at global steps 2, 3, 4: only 3 is a multiple of the interval.
+    assert ["perturbation_norm" in e for e in logged] == [False, True, False]
+
+
+def test_perturbation_batch_fraction_runs_pass_one_on_the_first_rows(tmp_path):
+    model, dataset = build("dict_module")
+    initial, _ = build("dict_module")
+    rows = forward_rows(model)
+    args = aace_args(tmp_path, per_device_train_batch_size=4, perturbation_batch_fraction=0.3)
+    trainer = AACETrainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    assert rows == [2, 4]  # ceil(0.3 x 4) rows in pass 1, all of them in pass 2
+    batch = micro_batches(dataset, 4, 1)[0]
+    expected = aace_loss(initial(batch["features"][:2])["logits"], batch["labels"][:2])
+    entry = next(e for e in trainer.state.log_history if "perturbation_loss" in e)
+    assert entry["perturbation_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("perturbation_interval", 0, "whole number of optimizer steps >= 1"),
+        ("perturbation_interval", 1.5, "whole number of optimizer steps >= 1"),
+        ("perturbation_batch_fraction", 0.0, "must lie in \\(0, 1\\]"),
+        ("perturbation_batch_fraction", 1.5, "must lie in \\(0, 1\\]"),
+    ],
+)
+def test_cheaper_step_settings_are_validated(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SharpnessAwareArguments(**{field: value})
