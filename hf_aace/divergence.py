@@ -6,6 +6,7 @@ weights. Once a NaN or an infinity reaches the weights, every later step, checkp
 """
 
 import itertools
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -67,8 +68,12 @@ class DivergenceCallback(TrainerCallback):
     ```
     """
 
-    def __init__(self):
+    def __init__(self, radius: Callable[[], float | None] | None = None):
+        """Args:
+        radius: gives the perturbation radius the step uses, for the error message (None: no radius to name).
+        """
         self._checked_step = -1
+        self._radius = radius
 
     def on_step_end(
         self,
@@ -83,7 +88,8 @@ class DivergenceCallback(TrainerCallback):
             self._checked_step = state.global_step
             name = first_non_finite_tensor(model)
             if name is not None:
-                raise TrainingDivergedError(_message(args, state.global_step, name), state.global_step, name)
+                rho = self._radius() if self._radius is not None else None
+                raise TrainingDivergedError(_message(args, state.global_step, name, rho), state.global_step, name)
         return control
 
     def on_epoch_end(
@@ -97,9 +103,7 @@ class DivergenceCallback(TrainerCallback):
         return self.on_step_end(args, state, control, model=model, **kwargs)
 
 
-def _message(args: TrainingArguments, step: int, name: str) -> str:
-    # AACETrainingArguments' effective radius (None for plain steps and for plain TrainingArguments).
-    rho = getattr(args, "perturbation_rho", None)
+def _message(args: TrainingArguments, step: int, name: str, rho: float | None) -> str:
     radius = f" or the perturbation radius (--rho, now {rho})" if rho is not None else ""
     return (
         f"Training diverged: after step {step} the weights are no longer finite (first: {name!r}); nothing of that "

@@ -92,7 +92,8 @@ def aace_loss_unchecked(
     # Half-precision logits are computed in float32; float64 stays float64.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     log_p = F.log_softmax(logits, dim=-1)
-    is_true = F.one_hot(labels.long(), logits.shape[-1]).bool()
+    # A comparison, not F.one_hot, which reads the labels' range back to the host.
+    is_true = labels.long().unsqueeze(-1) == torch.arange(logits.shape[-1], device=logits.device)
     with torch.no_grad():
         if mode == "adaptive":
             # Raw logits rather than log p: log q is shift-invariant, and subtracting two large log-probabilities

@@ -106,6 +106,18 @@ def frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
+def zeroed_if(grads: list[torch.Tensor], flag: torch.Tensor) -> list[torch.Tensor]:
+    """The gradients, all zero where the 1-element `flag` is non-zero, without reading the flag back to the host.
+
+    They become views of one flat buffer (one concatenation and one `where`, whatever the number of tensors), so that
+    infinities and NaNs are replaced, not multiplied by zero.
+    """
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.where(flag.bool(), torch.zeros((), dtype=flat.dtype, device=flat.device), flat)
+    return [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)]
+
+
+@torch.no_grad()
 def unscale_gradients_(grads: list[torch.Tensor], scaler: torch.amp.GradScaler) -> torch.Tensor:
     """Unscales fp16-scaled gradients in place without touching the scaler's per-optimizer state.
 

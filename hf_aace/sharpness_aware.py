@@ -97,7 +97,7 @@ class SharpnessAwareMixin:
             isinstance(callback, DivergenceCallback) for callback in self.callback_handler.callbacks
         ):
             # Non-finite weights stop training before they reach a log, an evaluation or a checkpoint.
-            self.add_callback(DivergenceCallback())
+            self.add_callback(DivergenceCallback(radius=lambda: self.perturbation_settings()[0]))
         self._perturbation = WeightPerturbation()
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._support = trainer_support(type(self))
@@ -113,6 +113,14 @@ class SharpnessAwareMixin:
             return self.args
         self._sharpness_aware_args = SharpnessAwareArguments()
         return self._sharpness_aware_args
+
+    def perturbation_settings(self) -> tuple[float | None, bool | None]:
+        """`(rho, normalize)` as the step uses them for this trainer's model (the method's defaults resolved)."""
+        return self.sharpness_aware_args.perturbation_for(self.accelerator.unwrap_model(self.model))
+
+    def resolved_sharpness_aware(self) -> dict:
+        """The step's settings as used, for run records and model cards."""
+        return self.sharpness_aware_args.resolved_sharpness_aware(self.accelerator.unwrap_model(self.model))
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: torch.Tensor | None = None
@@ -139,13 +147,14 @@ class SharpnessAwareMixin:
             with frozen_batchnorm_statistics(model):
                 return super(SharpnessAwareMixin, self).training_step(model, inputs, num_items_in_batch)
 
+        rho, normalize = self.perturbation_settings()
         loss, statistics = two_pass_step(
             [p for p in model.parameters() if p.requires_grad],
             first_pass,
             second_pass,
             method=method,
-            rho=settings.perturbation_rho,
-            normalize=settings.perturbation_normalized,
+            rho=rho,
+            normalize=normalize,
             perturbation=self._perturbation,
             # Static-graph DDP counts the gradient hooks that fire in its first iterations, pass 1's too, and would
             # then wait for twice as many in pass 2: take that gradient without accumulating into `.grad`.
@@ -200,7 +209,7 @@ class SharpnessAwareMixin:
         if rule is not None and rule.name == "single_label":
             accuracy = single_label_accuracy(pairs[0].detach(), pairs[1])
         if method.perturbation_loss == "training":
-            if not self.sharpness_aware_args.perturbation_normalized:
+            if not self.perturbation_settings()[1]:
                 # An unnormalised perturbation follows the gradient's size: keep it that of one micro-batch's loss.
                 return loss * loss_scale, clean_loss, 1, accuracy
             return loss, clean_loss, loss_scale, accuracy

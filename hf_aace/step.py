@@ -18,7 +18,7 @@ from typing import TypeVar
 import torch
 
 from .methods import SharpnessAwareMethod
-from .perturbation import WeightPerturbation, perturbation_from_gradients_, unscale_gradients_
+from .perturbation import WeightPerturbation, perturbation_from_gradients_, unscale_gradients_, zeroed_if
 
 T = TypeVar("T")
 
@@ -52,7 +52,7 @@ class StepStatistics:
     Attributes:
         objective: the first pass's objective, detached.
         grad_norm: ||g|| (ASAM: ||w g||).
-        perturbation_norm: ||e||; zero when the perturbation was skipped.
+        perturbation_norm: ||e||; zero when the perturbation was skipped (so is grad_norm).
         skipped: fp16 only: non-zero when the first pass's gradient overflowed and no perturbation was applied.
     """
 
@@ -86,8 +86,8 @@ def two_pass_step(
         normalize: divide the perturbation by the gradient norm.
         perturbation: holds the saved copy of the weights between steps.
         gradient: how the first pass's gradient is taken (`backward_gradients` or `autograd_gradients`).
-        scaler: fp16 loss scaling: the objective is scaled, its gradient unscaled, and an overflow skips the
-            perturbation (one flag read back from the device).
+        scaler: fp16 loss scaling: the objective is scaled, its gradient unscaled, and an overflow makes the
+            perturbation zero (decided on the device, no host sync).
         first_pass_context: entered around the first pass and its gradient (e.g. DDP's `no_sync`).
     """
     with first_pass_context():
@@ -100,23 +100,22 @@ def two_pass_step(
             "take. Check that the model's outputs are computed with gradients (not under torch.no_grad or detached)."
         )
     params, grads = [params[i] for i in used], [grads[i] for i in used]
-    skipped = unscale_gradients_(grads, scaler) if scaler is not None else None
+    skipped = None
+    if scaler is not None:
+        # fp16: an overflowed first pass gives a zero perturbation (the second pass then runs at w), decided on the
+        # device: the step reads nothing back to the host.
+        skipped = unscale_gradients_(grads, scaler)
+        grads = zeroed_if(grads, skipped)
     grad_norm, perturbation_norm = perturbation_from_gradients_(grads, params, method, rho, normalize)
-    perturb = skipped is None or not bool(skipped.item())
     # e is freed once applied: the restore copies from the saved weights, so the second pass holds one extra copy of
     # the trainable weights.
-    if perturb:
-        perturbation.apply_(params, grads)
+    perturbation.apply_(params, grads)
     del grads
     try:
         result = second_pass()
     finally:
-        if perturb:
-            perturbation.restore_(params)
+        perturbation.restore_(params)
     statistics = StepStatistics(
-        objective=objective.detach(),
-        grad_norm=grad_norm,
-        perturbation_norm=perturbation_norm if perturb else torch.zeros_like(perturbation_norm),
-        skipped=skipped,
+        objective=objective.detach(), grad_norm=grad_norm, perturbation_norm=perturbation_norm, skipped=skipped
     )
     return result, statistics

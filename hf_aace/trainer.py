@@ -115,14 +115,13 @@ class AACETrainer(ImageBatchMixin, sharpness_aware(Trainer)):
         settings = self.sharpness_aware_args
         perturbation = {}
         if settings.method.perturbs:
-            perturbation = {"rho": settings.perturbation_rho, "normalized": settings.perturbation_normalized}
+            rho, normalized = self.perturbation_settings()
+            perturbation = {"rho": rho, "normalized": normalized}
             if settings.method.needs_class_labels:
                 perturbation.update(threshold=settings.aace_threshold, mode=settings.aace_mode)
         card = build_model_card(
             self.accelerator.unwrap_model(self.model),
-            run_arguments
-            if run_arguments is not None
-            else {**self.args.to_dict(), **settings.resolved_sharpness_aware()},
+            run_arguments if run_arguments is not None else {**self.args.to_dict(), **self.resolved_sharpness_aware()},
             metrics or {},
             method=settings.sam_method,
             model_name=name.split("/")[-1],

@@ -10,20 +10,24 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from transformers import TrainingArguments
+from transformers.trainer_utils import unwrap_peft_model
 
 from .losses import AACE_MODES
 from .methods import METHODS, SharpnessAwareMethod, get_method
+from .models.architectures import OWN_MODEL_TYPES
 
 
 @dataclass
 class SharpnessAwareArguments:
     """The settings of the two-pass sharpness-aware step, for any Trainer.
 
-    Left unset, `rho` and `normalize_perturbation` take the method's default (`hf_aace.methods.METHODS`): aace 0.2
-    without normalisation (the paper's setting), sam 0.05 and asam 0.5, both normalised. The defaults are resolved
-    when read (`perturbation_rho`, `perturbation_normalized`), so arguments copied with another `sam_method`, or a
-    hyperparameter search over it, take the new method's defaults; explicit values always win.
+    Left unset, `rho` and `normalize_perturbation` take the method's default (`hf_aace.methods.METHODS`): sam 0.05
+    and asam 0.5, both normalised; aace 0.05 normalised, and on hf_aace's own architectures the paper's 0.2 without
+    normalisation. The defaults are resolved when the step reads them (`perturbation_for(model)`), so arguments copied
+    with another `sam_method`, or a hyperparameter search over it, take the new method's defaults; explicit values
+    always win.
 
     Example:
     ```python
@@ -31,7 +35,7 @@ class SharpnessAwareArguments:
     >>> from hf_aace import SharpnessAwareArguments
     >>> parser = HfArgumentParser((Seq2SeqTrainingArguments, SharpnessAwareArguments))
     >>> args, sharpness = parser.parse_args_into_dataclasses(["--output_dir", "out", "--sam_method", "sam"])
-    >>> sharpness.perturbation_rho, sharpness.perturbation_normalized
+    >>> sharpness.perturbation_for(model=None)
     (0.05, True)
     ```
     """
@@ -45,11 +49,17 @@ class SharpnessAwareArguments:
     )
     rho: float | None = field(
         default=None,
-        metadata={"help": "Perturbation radius. Default per method: aace 0.2, sam 0.05, asam 0.5."},
+        metadata={
+            "help": "Perturbation radius. Default per method: sam 0.05, asam 0.5, aace 0.05 (0.2 on hf_aace's "
+            "WideResNet and PyramidNet, the paper's setting)."
+        },
     )
     normalize_perturbation: bool | None = field(
         default=None,
-        metadata={"help": "Divide the perturbation by the gradient norm. Default: False for aace, True for sam/asam."},
+        metadata={
+            "help": "Divide the perturbation by the gradient norm. Default: True, except for aace on hf_aace's "
+            "WideResNet and PyramidNet (the paper's unnormalised setting)."
+        },
     )
     aace_threshold: float = field(
         default=0.0, metadata={"help": "Most target probability the true class keeps in the AACE loss, in [0, 1]."}
@@ -109,30 +119,24 @@ class SharpnessAwareArguments:
         """The table entry of `sam_method`, read at every use."""
         return get_method(self.sam_method)
 
-    @property
-    def perturbation_rho(self) -> float | None:
-        """`rho`, or the method's default when unset (None for "sgd")."""
-        return self.rho if self.rho is not None else self.method.default_rho
+    def perturbation_for(self, model: nn.Module | None = None) -> tuple[float | None, bool | None]:
+        """`(rho, normalize)` as the step uses them for `model`: the given values, else the method's defaults, which
+        for some methods (aace) differ on hf_aace's own architectures; `(None, None)` for "sgd"."""
+        method = self.method
+        rho, normalize = method.default_rho, method.default_normalize
+        config = getattr(unwrap_peft_model(model), "config", None) if model is not None else None
+        if method.own_architecture_defaults is not None and getattr(config, "model_type", None) in OWN_MODEL_TYPES:
+            rho, normalize = method.own_architecture_defaults
+        return (
+            self.rho if self.rho is not None else rho,
+            self.normalize_perturbation if self.normalize_perturbation is not None else normalize,
+        )
 
-    @property
-    def perturbation_normalized(self) -> bool | None:
-        """`normalize_perturbation`, or the method's default when unset (None for "sgd")."""
-        if self.normalize_perturbation is not None:
-            return self.normalize_perturbation
-        return self.method.default_normalize
-
-    def resolved_sharpness_aware(self) -> dict:
-        """The step's settings as used: `rho` and `normalize_perturbation` with the method's defaults resolved."""
-        return {
-            "sam_method": self.sam_method,
-            "rho": self.perturbation_rho,
-            "normalize_perturbation": self.perturbation_normalized,
-            "aace_threshold": self.aace_threshold,
-            "aace_mode": self.aace_mode,
-            "perturbation_interval": self.perturbation_interval,
-            "perturbation_batch_fraction": self.perturbation_batch_fraction,
-            "stop_on_divergence": self.stop_on_divergence,
-        }
+    def resolved_sharpness_aware(self, model: nn.Module | None = None) -> dict:
+        """The step's settings as used for `model`: `rho` and `normalize_perturbation` with the defaults resolved."""
+        values = {name: getattr(self, name) for name in SHARPNESS_AWARE_FIELDS}
+        values["rho"], values["normalize_perturbation"] = self.perturbation_for(model)
+        return values
 
 
 SHARPNESS_AWARE_FIELDS = tuple(SharpnessAwareArguments.__dataclass_fields__)
@@ -151,7 +155,7 @@ class AACETrainingArguments(SharpnessAwareArguments, TrainingArguments):
     ```python
     >>> from hf_aace import AACETrainingArguments
     >>> args = AACETrainingArguments(output_dir="out", sam_method="sam")
-    >>> args.perturbation_rho, args.perturbation_normalized
+    >>> args.perturbation_for(model=None)
     (0.05, True)
     ```
     """
@@ -203,10 +207,3 @@ class AACETrainingArguments(SharpnessAwareArguments, TrainingArguments):
             if key.endswith("_token"):
                 state[key] = None
         return state
-
-    def to_dict(self) -> dict:
-        """The arguments as the Trainer reports them, with `rho` and `normalize_perturbation` as used (defaults
-        resolved), so that saved run records and model cards show the values the run trained with."""
-        values = super().to_dict()
-        values["rho"], values["normalize_perturbation"] = self.perturbation_rho, self.perturbation_normalized
-        return values

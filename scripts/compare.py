@@ -76,7 +76,16 @@ METHOD_SETTINGS = ("rho", "normalize_perturbation", "aace_threshold", "aace_mode
 
 
 def build_parser() -> argparse.ArgumentParser:
-    default_rhos = ", ".join(f"{name} {METHODS[name].default_rho}" for name in ALL_METHODS if METHODS[name].perturbs)
+    default_rhos = ", ".join(
+        f"{name} {METHODS[name].default_rho}"
+        + (
+            f" ({METHODS[name].own_architecture_defaults[0]} on hf_aace's models)"
+            if METHODS[name].own_architecture_defaults
+            else ""
+        )
+        for name in ALL_METHODS
+        if METHODS[name].perturbs
+    )
     parser = argparse.ArgumentParser(
         usage="%(prog)s [CONFIG.json] [options] [scripts/train.py flags]",
         description=__doc__.split("\n\n")[0] + " CONFIG.json, as the first argument, holds settings by name: "

@@ -342,9 +342,12 @@ def main(argv: list[str]) -> int:
         "data": asdict(data_args),
         "recipe": recipe_args.recipe,
         "label_noise": label_noise,
-        "training": training_args.to_dict(),
+        "training": {**training_args.to_dict(), **trainer.resolved_sharpness_aware()},
     }
-    card_arguments = {**run_arguments, "training": changed_training_arguments(training_args)}
+    card_arguments = {
+        **run_arguments,
+        "training": {**changed_training_arguments(training_args), **trainer.resolved_sharpness_aware()},
+    }
     card_options = {"dataset_id": data.dataset_id, "dataset_name": data.name, "test_split": data.test_split}
     if trainer.is_world_process_zero():
         with open(os.path.join(training_args.output_dir, "run_arguments.json"), "w") as file:

@@ -237,4 +237,4 @@ def test_paper_cifar100_config_gives_the_paper_runs(tmp_path):
     assert recipe.recipe == "paper" and data_args.dataset == "cifar100"
     assert (model_args.model, model_args.depth, model_args.widen_factor) == ("wide_resnet", 28, 10)
     assert args.per_device_train_batch_size == 256 and args.num_train_epochs == 200 and args.learning_rate == 0.1
-    assert args.sam_method == "sam" and args.seed == 5 and args.perturbation_rho == 0.05
+    assert args.sam_method == "sam" and args.seed == 5 and args.perturbation_for() == (0.05, True)

@@ -147,8 +147,9 @@ def test_augmentation_stream_is_saved_and_restored_with_checkpoints(tmp_path, ca
 def test_plain_training_step_is_the_trainers_with_uneven_accumulated_batches(tmp_path):
     # ViT normalises its loss by the items of the whole accumulated step; micro-batches of 4 and 2 tell that apart
     # from a mean per micro-batch.
-    from test_tasks import build
     from transformers import Trainer
+
+    from test_tasks import build
 
     models = []
     for cls in (Trainer, ImageBatchTrainer):

@@ -140,7 +140,7 @@ def test_paper_recipe_and_explicit_flags_override_it(tmp_path):
     assert args.learning_rate == 0.05  # the explicit flag wins
     assert args.optim == "sgd" and args.optim_args == "momentum=0.9" and args.weight_decay == 5e-4
     assert args.weight_decay_all_parameters and args.lr_milestones == [0.3, 0.6, 0.8] and args.lr_gamma == 0.2
-    assert args.max_grad_norm == 0.0 and args.seed == 42 and args.sam_method == "aace" and args.perturbation_rho == 0.2
+    assert args.max_grad_norm == 0.0 and args.seed == 42 and args.sam_method == "aace" and args.rho is None
 
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"recipe": "paper", "model": "wide_resnet", "output_dir": str(tmp_path), "seed": 7}))

@@ -4,8 +4,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_tasks import BATCH, VOCAB, ListDataset, build, micro_batches
-from test_tasks import make_args as aace_args
 from torch import nn
 from transformers import (
     GPT2Config,
@@ -29,6 +27,9 @@ from hf_aace.methods import METHODS
 from hf_aace.perturbation import WeightPerturbation
 from hf_aace.step import autograd_gradients, backward_gradients, two_pass_step
 from hf_aace.tasks import AACETaskError
+
+from test_tasks import BATCH, VOCAB, ListDataset, build, micro_batches
+from test_tasks import make_args as aace_args
 
 
 def plain_args(tmp_path, cls=TrainingArguments, **overrides):
@@ -152,7 +153,7 @@ def test_settings_parse_beside_any_arguments_class_and_reach_the_step(tmp_path):
     training, settings = parser.parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--sam_method", "asam", "--rho", "0.3", "--stop_on_divergence", "false"]
     )
-    assert (settings.sam_method, settings.perturbation_rho, settings.perturbation_normalized) == ("asam", 0.3, True)
+    assert (settings.sam_method, *settings.perturbation_for()) == ("asam", 0.3, True)
     with pytest.raises(ValueError, match="--rho must be a finite number > 0"):
         SharpnessAwareArguments(rho=-1.0)
     model, dataset = build("dict_module")

@@ -374,9 +374,11 @@ def test_boundary_arguments_are_accepted(tmp_path):
 )
 def test_method_defaults(tmp_path, method, rho, normalize):
     args = make_args(tmp_path, sam_method=method)
-    assert (args.perturbation_rho, args.perturbation_normalized) == (rho, normalize)
+    trainer = AACETrainer(model=tiny_wrn(), args=args, train_dataset=make_dataset())
+    assert args.perturbation_for(trainer.model) == trainer.perturbation_settings() == (rho, normalize)
     # Saved run records and cards show the values used, not the unset fields.
-    assert (args.to_dict()["rho"], args.to_dict()["normalize_perturbation"]) == (rho, normalize)
+    resolved = trainer.resolved_sharpness_aware()
+    assert (resolved["rho"], resolved["normalize_perturbation"]) == (rho, normalize)
     assert (args.rho, args.normalize_perturbation) == (None, None)
 
 
@@ -397,7 +399,7 @@ def test_cli_flags_through_hf_argument_parser(tmp_path):
             "--use_cpu",
         ]
     )
-    assert args.sam_method == "asam" and args.perturbation_rho == 0.5 and args.normalize_perturbation is False
+    assert args.sam_method == "asam" and args.perturbation_for() == (0.5, False)
     assert args.lr_milestones == [0.3, 0.6]
 
 
