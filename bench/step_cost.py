@@ -6,6 +6,10 @@ methods), gradient norm, `optimizer.step()`, `lr_scheduler.step()`, `zero_grad()
 `on_step_end` (after `torch.cuda.synchronize()` on CUDA); a step's time is the gap between two consecutive stamps.
 The first `--warmup` steps of every `train()` call are not timed.
 
+A method may carry cheaper-step settings (`aace:k=5` is `perturbation_interval=5`, `aace:f=0.5` is
+`perturbation_batch_fraction=0.5`); with an interval k the step times alternate, so the mean over a multiple of k
+timed steps is the cost per step (`mean ratio`).
+
 Methods run round-robin: repeat 1 runs sgd, sam, asam, aace; repeat 2 runs them in reverse order; and so on, so that
 drift of a shared machine affects every method alike. Reported: the median step time over all timed steps, images/s
 at that median, the ratio of the median to sgd's median, and peak memory:
@@ -26,7 +30,8 @@ configs: `vit-tiny` (ViT-Ti/4 on 32x32 images: hidden 192, 12 layers, 3 heads) a
 
 Usage:
     python bench/step_cost.py [--models wrn-16-4 pyramidnet-20-48 vit-tiny bert-tiny] [--batch_size 128]
-        [--steps 2] [--warmup 1] [--repeats 3] [--methods sgd sam asam aace] [--device cpu|cuda] [--bf16]
+        [--steps 2] [--warmup 1] [--repeats 3] [--methods sgd sam asam aace aace:k=5 aace:f=0.5]
+        [--device cpu|cuda] [--bf16]
         [--channels_last] [--compile] [--output_json PATH] [--output_md PATH]
 """
 
@@ -158,6 +163,24 @@ def fixed_batch(spec: str, cli: argparse.Namespace, length: int) -> FixedBatch:
     return FixedBatch(inputs, length)
 
 
+VARIANT_SETTINGS = {"k": ("perturbation_interval", int), "f": ("perturbation_batch_fraction", float)}
+
+
+def method_variant(spec: str) -> tuple[str, dict]:
+    """ "aace:k=5:f=0.5" -> ("aace", {"perturbation_interval": 5, "perturbation_batch_fraction": 0.5})."""
+    name, *options = spec.split(":")
+    settings = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in VARIANT_SETTINGS or not value:
+            raise ValueError(f"{spec!r}: options are k=INTERVAL and f=FRACTION, e.g. aace:k=5 or sam:f=0.5.")
+        field, cast = VARIANT_SETTINGS[key]
+        settings[field] = cast(value)
+    if name not in METHODS:
+        raise ValueError(f"{spec!r}: the method must be one of {', '.join(METHODS)}.")
+    return name, settings
+
+
 def median_or_none(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -181,7 +204,8 @@ def run(cli: argparse.Namespace) -> dict:
             timer = StepTimer(device)
             trainers = {}
             for method in cli.methods:
-                args = training_arguments(method, output_dir, cli, max_steps)
+                name, settings = method_variant(method)
+                args = training_arguments(name, output_dir, cli, max_steps, **settings)
                 trainers[method] = AACETrainer(model=model, args=args, train_dataset=dataset, callbacks=[timer])
                 trainers[method].remove_callback(PrinterCallback)  # the end-of-train metrics line, once per call
             times = {method: [] for method in cli.methods}
@@ -203,14 +227,18 @@ def run(cli: argparse.Namespace) -> dict:
                         flush=True,
                     )
             sgd_median = median_or_none(times.get("sgd", []))
+            sgd_mean = statistics.mean(times["sgd"]) if times.get("sgd") else None
             rows = {}
             for method in cli.methods:
                 median = median_or_none(times[method])
+                mean = statistics.mean(times[method])
                 rows[method] = {
                     "step_times_s": times[method],
                     "median_step_s": median,
+                    "mean_step_s": mean,
                     "images_per_s": cli.batch_size / median,
                     "ratio_to_sgd": median / sgd_median if sgd_median else None,
+                    "mean_ratio_to_sgd": mean / sgd_mean if sgd_mean else None,
                     "peak_memory_rise_bytes": memory[method],
                 }
             results["models"][spec] = {"parameters": parameters, "methods": rows}
@@ -235,17 +263,19 @@ def markdown(cli: argparse.Namespace, results: dict, header: list[str], command:
         "no clipping",
         f"- memory column: {memory_kind}, in the method's first train() call",
         "",
-        "| model | params | method | median step (ms) | images/s | ratio to sgd | min-max step (ms) "
-        "| peak memory rise (MiB) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| model | params | method | median step (ms) | images/s | ratio to sgd | mean step (ms) | mean ratio "
+        "| min-max step (ms) | peak memory rise (MiB) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for spec, model in results["models"].items():
         for method, row in model["methods"].items():
             ratio = "n/a" if row["ratio_to_sgd"] is None else f"{row['ratio_to_sgd']:.3f}"
+            mean_ratio = "n/a" if row.get("mean_ratio_to_sgd") is None else f"{row['mean_ratio_to_sgd']:.3f}"
             spread = f"{1000 * min(row['step_times_s']):.1f}-{1000 * max(row['step_times_s']):.1f}"
             lines.append(
                 f"| {spec} | {model['parameters'] / 1e6:.2f}M | {method} | {1000 * row['median_step_s']:.1f} | "
-                f"{row['images_per_s']:.1f} | {ratio} | {spread} | {format_mib(row['peak_memory_rise_bytes'])} |"
+                f"{row['images_per_s']:.1f} | {ratio} | {1000 * row['mean_step_s']:.1f} | {mean_ratio} | {spread} | "
+                f"{format_mib(row['peak_memory_rise_bytes'])} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -261,7 +291,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         help="wrn-DEPTH-WIDEN, pyramidnet-DEPTH-ALPHA[-bottleneck], vit-tiny, bert-tiny (default: wrn-16-4 "
         "pyramidnet-20-48)",
     )
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to time")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        help="methods to time, each optionally with cheaper-step settings: aace:k=5 (perturbation_interval 5), "
+        "sam:f=0.5 (perturbation_batch_fraction 0.5), aace:k=2:f=0.25. With k > 1, compare the mean step time over "
+        "a multiple of k timed steps (--steps), not the median.",
+    )
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default: cpu 2, cuda 20)")
@@ -283,6 +320,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--warmup, --steps, --repeats and --batch_size must be >= 1 (the first step is never timed).")
     if on_cuda and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device.")
+    for method in cli.methods:
+        try:
+            method_variant(method)
+        except ValueError as error:
+            parser.error(str(error))
     for spec in cli.models:
         if spec not in TRANSFORMERS_MODELS:
             try:
