@@ -81,7 +81,7 @@ class SharpnessAwareMixin:
         self._sharpness_aware_args = sharpness_aware_args
         self.aace_pairs_func = aace_pairs_func
         enabled, checkpointing = activation_checkpointing_kwargs(self.args)
-        if self.args.ddp_static_graph and enabled and checkpointing.get("use_reentrant"):
+        if getattr(self.args, "ddp_static_graph", False) and enabled and checkpointing.get("use_reentrant"):
             raise ValueError(
                 f"{type(self).__name__} cannot combine ddp_static_graph with reentrant gradient checkpointing: "
                 "static-graph DDP needs the first pass's gradient taken with torch.autograd.grad, which reentrant "
@@ -158,7 +158,7 @@ class SharpnessAwareMixin:
             perturbation=self._perturbation,
             # Static-graph DDP counts the gradient hooks that fire in its first iterations, pass 1's too, and would
             # then wait for twice as many in pass 2: take that gradient without accumulating into `.grad`.
-            gradient=autograd_gradients if self.args.ddp_static_graph else backward_gradients,
+            gradient=autograd_gradients if getattr(self.args, "ddp_static_graph", False) else backward_gradients,
             scaler=self.accelerator.scaler,
             first_pass_context=lambda: self.accelerator.no_sync(model),
         )

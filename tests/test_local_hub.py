@@ -30,7 +30,10 @@ import urllib.request  # noqa: E402
 from email.message import Message  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import httpx2  # noqa: E402
+try:  # huggingface_hub 2 talks through httpx2, 1.x through httpx
+    import httpx2  # noqa: E402
+except ImportError:
+    import httpx as httpx2  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402

@@ -33,7 +33,7 @@ from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from hf_aace import AACETrainer, AACETrainingArguments, aace_loss
 from hf_aace.methods import METHODS
 
-from test_trainer import assert_state_close
+from test_trainer import assert_state_close, reentrant_checkpointing
 from test_trainer import make_args as trainer_test_args
 
 VOCAB, LABELS, BATCH, LENGTH = 24, 3, 4, 6
@@ -615,8 +615,7 @@ def test_reentrant_gradient_checkpointing_gives_the_same_step(tmp_path, method):
         data_collator=default_data_collator,
     ).train()  # fmt: skip
     args = make_args(
-        tmp_path / "b", sam_method=method, activation_checkpointing=True,
-        activation_checkpointing_kwargs={"use_reentrant": True},
+        tmp_path / "b", sam_method=method, **reentrant_checkpointing(),
     )  # fmt: skip
     AACETrainer(model=checkpointed, args=args, train_dataset=dataset, data_collator=default_data_collator).train()
     for (key, value), reference in zip(checkpointed.state_dict().items(), plain.state_dict().values()):

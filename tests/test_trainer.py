@@ -14,6 +14,17 @@ from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
 from hf_aace import AACETrainer, AACETrainingArguments, WideResNetConfig, WideResNetForImageClassification, aace_loss
 
 ROOT = Path(__file__).resolve().parents[1]
+# transformers before 5.23 names the activation_checkpointing arguments gradient_checkpointing.
+CHECKPOINTING = next(
+    name
+    for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in AACETrainingArguments.__dataclass_fields__
+)
+
+
+def reentrant_checkpointing() -> dict:
+    """Training arguments for reentrant activation checkpointing, under this transformers' names."""
+    return {CHECKPOINTING: True, f"{CHECKPOINTING}_kwargs": {"use_reentrant": True}}
 
 
 class TensorDataset(torch.utils.data.Dataset):
@@ -632,8 +643,7 @@ def test_ddp_static_graph_trains_exactly_like_the_default_graph(tmp_path, ddp_ra
 
 def test_static_graph_with_reentrant_checkpointing_is_refused_at_construction(tmp_path):
     args = make_args(
-        tmp_path, ddp_static_graph=True, activation_checkpointing=True,
-        activation_checkpointing_kwargs={"use_reentrant": True},
+        tmp_path, ddp_static_graph=True, **reentrant_checkpointing(),
     )  # fmt: skip
     with pytest.raises(ValueError, match="cannot combine ddp_static_graph with reentrant gradient checkpointing"):
         AACETrainer(model=tiny_wrn(), args=args, train_dataset=make_dataset())

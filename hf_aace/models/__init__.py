@@ -1,6 +1,9 @@
 """The paper's two architectures as transformers models, registered with the Auto classes."""
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+# From its module: transformers 5.4 to 5.17 export a placeholder under `transformers` that asks for torchvision.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from ..image_processing_aace import AACEImageProcessor
 from .architectures import ARCHITECTURES, OWN_MODEL_TYPES, Architecture, architecture_for, resolve_model
