@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench mutants clean
+.PHONY: install demo test test-oldest lint format bench mutants clean
 
 install: $(STAMP)
 
@@ -21,7 +21,25 @@ demo: install
 	$(BIN)/python scripts/train.py scripts/configs/demo_digits.json
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
+
+# The lowest versions setup.cfg admits, in a second virtualenv, on the tests of the step's join to the Trainer.
+OLDEST_VENV ?= .venv-oldest
+OLDEST ?= transformers==5.10.1 accelerate==1.3.0 datasets==4.0.0 huggingface-hub==1.27.0
+OLDEST_STAMP := $(OLDEST_VENV)/.installed
+OLDEST_TESTS := tests/test_trainer.py tests/test_tasks.py tests/test_sharpness_aware.py tests/test_trainer_internals.py \
+	tests/test_step_ops.py tests/test_divergence.py tests/test_checkpoints.py tests/test_image_batches.py
+
+$(OLDEST_STAMP): setup.cfg pyproject.toml Makefile
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -e . $(OLDEST) pytest pytest-xdist peft olah
+	touch $(OLDEST_STAMP)
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_VENV)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|accelerate|datasets|huggingface.hub) "
+	$(OLDEST_VENV)/bin/python -m pytest -q -n 2 -p no:cacheprovider $(OLDEST_TESTS)
 
 lint: install
 	$(BIN)/ruff check hf_aace scripts tests bench
@@ -43,4 +61,4 @@ mutants: install
 	$(BIN)/mutmut results
 
 clean:
-	rm -rf $(VENV) outputs build *.egg-info mutants
+	rm -rf $(VENV) $(OLDEST_VENV) outputs build *.egg-info mutants

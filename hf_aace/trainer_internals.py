@@ -2,7 +2,7 @@
 
 A transformers or TRL release can change any of these without notice; they live here, each with a line saying what it
 depends on, and `tests/test_trainer_internals.py` checks that every private name still exists on the installed
-Trainer. Checked against transformers 5.17 to 5.25 (the range setup.cfg declares).
+Trainer. Checked against transformers 5.10.1 and 5.25.0, the ends of the range setup.cfg declares (`make test-oldest`).
 
 Private names used (the test reads `PRIVATE_TRAINER_ATTRIBUTES`):
 - `Trainer._prepare_inputs(inputs)`: moves a batch to the device (both passes, and uint8 image batches);
@@ -25,7 +25,8 @@ PRIVATE_TRAINER_ATTRIBUTES = ("_prepare_inputs", "_save_rng_state", "_load_rng_s
 def activation_checkpointing_kwargs(args: TrainingArguments) -> tuple[bool, dict]:
     """Whether activation checkpointing is on, and its keyword arguments.
 
-    transformers 5.22 renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)`; either works.
+    transformers after 5.17 renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)`; either
+    works.
     """
     enabled = getattr(args, "activation_checkpointing", None)
     if enabled is None:
@@ -46,7 +47,7 @@ def training_step_preparation(trainer: Trainer, model: torch.nn.Module, inputs: 
     """What `Trainer.training_step` does before its `compute_loss`, for a pass that runs outside it.
 
     Copied from transformers 5.25's `training_step`: the context-parallel context and inputs (private
-    `_prepare_context_parallel_inputs`, absent before 5.18), train mode of the model and of an optimizer that has one
+    `_prepare_context_parallel_inputs`, where it exists), train mode of the model and of an optimizer that has one
     (schedule-free optimizers), `_prepare_inputs`, and `compute_loss_context_manager` (autocast where the Trainer
     opens one, and its other context managers). Yields the prepared inputs.
     """
@@ -65,7 +66,8 @@ def training_step_preparation(trainer: Trainer, model: torch.nn.Module, inputs: 
 
 def loss_is_scaled_for_ga(trainer: Trainer, num_items_in_batch: Any) -> bool:
     """Whether `compute_loss` already divided by the accumulated batch, so that `training_step` does not divide by
-    the accumulation steps (copied rule of transformers 5.x `training_step`, `loss_is_scaled_for_ga` included)."""
+    the accumulation steps (copied rule of transformers 5.x `training_step`; the `loss_is_scaled_for_ga` override
+    exists after 5.17)."""
     if getattr(trainer, "loss_is_scaled_for_ga", None) is not None:
         return trainer.loss_is_scaled_for_ga
     return (

@@ -28,7 +28,7 @@ from hf_aace.perturbation import WeightPerturbation
 from hf_aace.step import autograd_gradients, backward_gradients, two_pass_step
 from hf_aace.tasks import AACETaskError
 
-from test_tasks import BATCH, VOCAB, ListDataset, build, micro_batches
+from test_tasks import BATCH, VOCAB, ListDataset, build, micro_batches, perturbation_by_hand
 from test_tasks import make_args as aace_args
 
 
@@ -83,14 +83,7 @@ def test_two_pass_step_alone_equals_the_step_by_hand(method, gradient):
     reference.load_state_dict(model.state_dict())
     objective = aace_loss(reference(x), y) if method == "aace" else F.cross_entropy(reference(x), y)
     g = torch.autograd.grad(objective, list(reference.parameters()))
-    if method == "asam":
-        norm = torch.sqrt(sum(((p * gi) ** 2).sum() for p, gi in zip(w, g)))
-        e = [rho * p * p * gi / (norm + 1e-12) for p, gi in zip(w, g)]
-    elif method == "sam":
-        norm = torch.sqrt(sum((gi**2).sum() for gi in g))
-        e = [rho * gi / (norm + 1e-12) for gi in g]
-    else:
-        e = [-rho * gi for gi in g]
+    e = perturbation_by_hand(method, w, g, rho, normalize=method != "aace")
     with torch.no_grad():
         for p, e_p in zip(reference.parameters(), e):
             p.add_(e_p)

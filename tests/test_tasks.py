@@ -201,6 +201,18 @@ def trainer_loss(model, batch: dict, num_items, accumulation: int) -> torch.Tens
     return loss / accumulation
 
 
+def perturbation_by_hand(method: str, params, grads, rho: float, normalize: bool) -> list[torch.Tensor]:
+    """e of each method, written out with Python sums: asam rho w^2 g / ||w g||, sam rho g / ||g||, aace -rho g
+    (divided by ||g|| when normalised)."""
+    if method == "asam":
+        norm = torch.sqrt(sum(((p * g) ** 2).sum() for p, g in zip(params, grads)))
+        return [rho * p * p * g / (norm + 1e-12) for p, g in zip(params, grads)]
+    if method == "sam" or normalize:
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        return [(1 if method == "sam" else -1) * rho * g / (norm + 1e-12) for g in grads]
+    return [-rho * g for g in grads]
+
+
 def reference_step(name, model, batches, method, rho, lr, normalize=True):
     """One optimizer step by hand; returns, per micro-batch, the first pass's loss and the training loss at w."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -223,17 +235,7 @@ def reference_step(name, model, batches, method, rho, lr, normalize=True):
         grads = torch.autograd.grad(loss1, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         with torch.no_grad():
-            if method == "asam":
-                norm = torch.sqrt(sum(((p * g) ** 2).sum() for p, g in zip(params, grads)))
-                e = [rho * p * p * g / (norm + 1e-12) for p, g in zip(params, grads)]
-            elif method == "sam":
-                norm = torch.sqrt(sum((g**2).sum() for g in grads))
-                e = [rho * g / (norm + 1e-12) for g in grads]
-            elif normalize:
-                norm = torch.sqrt(sum((g**2).sum() for g in grads))
-                e = [-rho * g / (norm + 1e-12) for g in grads]
-            else:
-                e = [-rho * g for g in grads]
+            e = perturbation_by_hand(method, params, grads, rho, normalize)
             saved = [p.clone() for p in params]
             for p, e_p in zip(params, e):
                 p.add_(e_p)

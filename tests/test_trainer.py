@@ -14,7 +14,7 @@ from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
 from hf_aace import AACETrainer, AACETrainingArguments, WideResNetConfig, WideResNetForImageClassification, aace_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-# transformers before 5.23 names the activation_checkpointing arguments gradient_checkpointing.
+# transformers 5.17 and before name the activation_checkpointing arguments gradient_checkpointing.
 CHECKPOINTING = next(
     name
     for name in ("activation_checkpointing", "gradient_checkpointing")
