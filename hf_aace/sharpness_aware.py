@@ -102,6 +102,7 @@ class SharpnessAwareMixin:
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._support = trainer_support(type(self))
         self._task_rule: TaskRule | None = None
+        self._model_facts: ModelFacts | None = None
         self._pairs_checked = False
 
     @property
@@ -233,12 +234,14 @@ class SharpnessAwareMixin:
         self, model: nn.Module, outputs: Any, labels: torch.Tensor, inputs: dict, num_items_in_batch: Any
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], TaskRule | None]:
         """The (logits, labels) pairs of this batch: the rule chosen on the first batch, checked once."""
-        unwrapped = unwrap_peft_model(self.accelerator.unwrap_model(model))
         if self.aace_pairs_func is not None:
             logits, pair_labels = self.aace_pairs_func(outputs, labels, inputs)
             return (logits.reshape(-1, logits.shape[-1]), pair_labels.reshape(-1)), None
         popped = compute_loss_pops_labels(self) and "labels" in inputs
-        facts = ModelFacts.of(unwrapped, label_smoothing=self.label_smoother is not None)
+        if self._model_facts is None:  # read once: the model's class and config do not change between steps
+            unwrapped = unwrap_peft_model(self.accelerator.unwrap_model(model))
+            self._model_facts = ModelFacts.of(unwrapped, label_smoothing=self.label_smoother is not None)
+        facts = self._model_facts
         logits = output_logits(outputs, has_loss=not popped, class_name=facts.class_name)
         if self._task_rule is None:
             self._task_rule = select_rule(facts, logits, labels)
@@ -246,7 +249,9 @@ class SharpnessAwareMixin:
                 check_multi_hot(labels)
         pairs = self._task_rule.pairs(logits, labels, inputs)
         model_loss = outputs.get("loss") if hasattr(outputs, "get") else None
-        if not self._pairs_checked and not popped and isinstance(model_loss, torch.Tensor):
+        # Only AACE trains on these pairs (sam/asam take them for the accuracy log alone): only AACE checks them.
+        checks = self.sharpness_aware_args.method.needs_class_labels
+        if checks and not self._pairs_checked and not popped and isinstance(model_loss, torch.Tensor):
             check_pairs(facts, self._task_rule.name, pairs, model_loss, num_items_in_batch)
             self._pairs_checked = True
         return pairs, self._task_rule
