@@ -13,6 +13,8 @@ import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .perturbation import local_shards
+
 
 class TrainingDivergedError(RuntimeError):
     """Training produced non-finite weights.
@@ -33,12 +35,15 @@ def first_non_finite_tensor(model: nn.Module) -> str | None:
 
     One fused max-abs over all tensors and one value read back from the device; tensors are searched one by one only
     when something is non-finite. In a distributed run the verdict is shared by all processes (BatchNorm statistics
-    can differ between them), so that all stop together; a process whose own tensors are finite then names none.
+    can differ between them, and sharded weights are checked shard by shard), so that all stop together; a process
+    whose own tensors are finite then names none.
     """
+    # Sharded tensors (FSDP2) are checked by the process holding each shard; a shard can be empty.
     named = [
-        (name, tensor.detach())
+        (name, shard)
         for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
-        if tensor.is_floating_point()
+        for shard in local_shards([tensor.detach()])
+        if shard.is_floating_point() and shard.numel()
     ]
     if not named:
         return None

@@ -16,6 +16,7 @@ from transformers.trainer_utils import unwrap_peft_model
 from .methods import METHODS
 from .models.architectures import OWN_MODEL_TYPES, architecture_for
 from .models.conversion_utils import reference_preset
+from .sharding import unsharded_class
 
 CITATION = """@inproceedings{ratchatorn2024aace,
   title     = {Adaptive Adversarial Cross-Entropy Loss for Sharpness-Aware Minimization},
@@ -84,7 +85,7 @@ def pipeline_task(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) in OWN_MODEL_TYPES:
         return "image-classification"
-    name = type(model).__name__
+    name = unsharded_class(model).__name__
     task = next((task for task, classes in TASK_MAPPING.items() if name in classes.values()), None)
     # Multiple-choice heads are in no TASK_MAPPING entry; the Hub still knows the task.
     return task or (
@@ -240,6 +241,7 @@ def build_model_card(
     trained_on = f" on {dataset_label}" if dataset_label else ""
     method_name = METHODS[method].display_name if method in METHODS else method
     settings = ", ".join(f"{k} {v}" for k, v in (perturbation or {}).items() if v is not None)
+    class_name = unsharded_class(base).__name__
     arguments = json.dumps(training_arguments, indent=2, sort_keys=True, default=str)
     body = f"""
 # {model_name}
@@ -261,7 +263,7 @@ Measured at the end of this run (`{test_split}` split for test metrics):
 ## How to use
 
 ```python
-{_usage(repo_id or model_name, task, type(base).__name__, own, processor_class, base_model if is_adapter else None)}
+{_usage(repo_id or model_name, task, class_name, own, processor_class, base_model if is_adapter else None)}
 ```
 {_usage_note(own)}
 ## Training arguments
@@ -352,7 +354,8 @@ def _architecture_text(model: nn.Module, config: PretrainedConfig, architecture:
             "stored as safetensors; the modeling code travels with the model, so it loads with or without hf_aace "
             "installed."
         )
-    text = f"`{type(unwrap_peft_model(model)).__name__}` from transformers (model type `{config.model_type}`)."
+    name = unsharded_class(unwrap_peft_model(model)).__name__
+    text = f"`{name}` from transformers (model type `{config.model_type}`)."
     if adapter:
         peft_config = next(iter(model.peft_config.values()))
         text += f" Only the {peft_config.peft_type} adapter weights are stored; load them onto the base model."

@@ -9,6 +9,9 @@ For the gradient g of the perturbation loss at weights w (Foret et al. 2021; Kwo
 
 with ||.|| the global L2 norm over all parameters plus 1e-12. Everything runs as `torch._foreach_*` kernels on the
 gradient tensors themselves (they become e) and on one preallocated copy of the weights.
+
+Sharded parameters (FSDP2's DTensors) take the same maths: the norms are global (DTensor reduces them over the mesh),
+and the perturbation is applied to and restored from each process's local shard.
 """
 
 from collections.abc import Iterator, Sequence
@@ -16,6 +19,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .methods import SharpnessAwareMethod
 
@@ -23,8 +27,20 @@ EPSILON = 1e-12
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of all tensors taken together, as a 0-dim float32 tensor on their device (no host sync)."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, dtype=torch.float32)))
+    """L2 norm of all tensors taken together, as a 0-dim tensor on their device (no host sync).
+
+    Taken in float32 for tensors of lower precision, in their own dtype above (float64). For sharded DTensors the
+    norm is over the whole tensors, reduced across their mesh, and returned as a plain tensor.
+    """
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, dtype=dtype)))
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def local_shards(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each DTensor's local shard (sharing its storage), other tensors as they are: in-place foreach kernels and
+    copies run on these (`torch._foreach_copy_` does not take DTensors)."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 @torch.no_grad()
@@ -75,6 +91,7 @@ class WeightPerturbation:
     @torch.no_grad()
     def apply_(self, params: list[torch.Tensor], perturbation: list[torch.Tensor]) -> None:
         """Saves the parameters, then adds the perturbation to them in place."""
+        params, perturbation = local_shards(params), local_shards(perturbation)
         if self._saved is None or len(self._saved) != len(params):
             self._saved = [torch.empty_like(p) for p in params]
         torch._foreach_copy_(self._saved, params)
@@ -85,7 +102,7 @@ class WeightPerturbation:
         """Copies the saved parameters back."""
         if self._saved is None:
             raise RuntimeError("restore_() called before apply_(): there is nothing to restore.")
-        torch._foreach_copy_(params, self._saved)
+        torch._foreach_copy_(local_shards(params), self._saved)
 
 
 @contextmanager

@@ -13,6 +13,7 @@ Everything else (evaluation, generation, checkpoints, callbacks, `push_to_hub`) 
 """
 
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from transformers.utils import logging
 
 from .divergence import DivergenceCallback
 from .perturbation import WeightPerturbation, frozen_batchnorm_statistics
+from .sharding import check_sharding, is_fsdp2, own_class, perturbation_scope, reduce_gradients_in_step
 from .step import StepStatistics, autograd_gradients, backward_gradients, two_pass_step
 from .tasks import (
     AACETaskError,
@@ -39,6 +41,7 @@ from .trainer_internals import (
     activation_checkpointing_kwargs,
     compute_loss_pops_labels,
     loss_is_scaled_for_ga,
+    loss_scale_across_processes,
     mean_over_data_parallel,
     metrics_not_recorded,
     model_loss_kwargs,
@@ -88,11 +91,7 @@ class SharpnessAwareMixin:
                 "checkpointing refuses. Drop --ddp_static_graph or set "
                 "activation_checkpointing_kwargs={'use_reentrant': False}."
             )
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                f"{type(self).__name__} does not support DeepSpeed or FSDP yet: the perturbation needs the full "
-                "parameters on every process. Launch with DDP instead (accelerate launch --multi_gpu ...)."
-            )
+        check_sharding(self)
         if self.sharpness_aware_args.stop_on_divergence and not any(
             isinstance(callback, DivergenceCallback) for callback in self.callback_handler.callbacks
         ):
@@ -120,8 +119,10 @@ class SharpnessAwareMixin:
         return self.sharpness_aware_args.perturbation_for(self.accelerator.unwrap_model(self.model))
 
     def resolved_sharpness_aware(self) -> dict:
-        """The step's settings as used, for run records and model cards."""
-        return self.sharpness_aware_args.resolved_sharpness_aware(self.accelerator.unwrap_model(self.model))
+        """The step's settings as used, for run records and model cards, with the batch the perturbation came from
+        (`hf_aace.sharding`: each process's own under DDP, the global batch under FSDP2 or on one process)."""
+        resolved = self.sharpness_aware_args.resolved_sharpness_aware(self.accelerator.unwrap_model(self.model))
+        return {**resolved, "perturbation_scope": perturbation_scope(self)}
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: torch.Tensor | None = None
@@ -135,7 +136,11 @@ class SharpnessAwareMixin:
         first_inputs = first_rows(inputs, settings.perturbation_batch_fraction)
         # Pass 1 at w on the module DDP wraps: DDP neither prepares nor runs a gradient all-reduce (each process
         # perturbs with its own micro-batch's gradient, SAM's m-sharpness), and static-graph DDP sees only pass 2.
+        # FSDP2 reduce-scatters pass 1's gradient like any other: one perturbation from the global batch.
         first_pass_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        sharded = is_fsdp2(self)
+        if sharded:
+            reduce_gradients_in_step(self, model)
         reports: dict[str, torch.Tensor | None] = {}
 
         def first_pass() -> torch.Tensor:
@@ -161,7 +166,7 @@ class SharpnessAwareMixin:
             # then wait for twice as many in pass 2: take that gradient without accumulating into `.grad`.
             gradient=autograd_gradients if getattr(self.args, "ddp_static_graph", False) else backward_gradients,
             scaler=self.accelerator.scaler,
-            first_pass_context=lambda: self.accelerator.no_sync(model),
+            first_pass_context=nullcontext if sharded else lambda: self.accelerator.no_sync(model),
         )
         self._accumulate_metrics(statistics, reports)
         return loss
@@ -252,7 +257,10 @@ class SharpnessAwareMixin:
         # Only AACE trains on these pairs (sam/asam take them for the accuracy log alone): only AACE checks them.
         checks = self.sharpness_aware_args.method.needs_class_labels
         if checks and not self._pairs_checked and not popped and isinstance(model_loss, torch.Tensor):
-            check_pairs(facts, self._task_rule.name, pairs, model_loss, num_items_in_batch)
+            # The trainer's own compute_loss scales the model's loss in place; the model's own forward does not.
+            own_forward = self._support is not None and self._support.outputs_from_model
+            scale = 1 if own_forward else loss_scale_across_processes(self, num_items_in_batch)
+            check_pairs(facts, self._task_rule.name, pairs, model_loss, num_items_in_batch, scale)
             self._pairs_checked = True
         return pairs, self._task_rule
 
@@ -280,6 +288,11 @@ class SharpnessAwareMixin:
         values["count"] = torch.ones_like(values["perturbation_loss"])
         for name, value in values.items():
             self._metric_sums[name] = self._metric_sums[name] + value if name in self._metric_sums else value
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # FSDP2 renames the model's class: save its own remote code and auto_map.
+        with own_class(self.model):
+            super()._save(output_dir, state_dict)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._metric_sums:

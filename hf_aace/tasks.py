@@ -28,6 +28,7 @@ from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_CTC_MAPPING_NAMES
 
 from .losses import aace_loss_unchecked
+from .sharding import unsharded_class
 
 IGNORE_INDEX = -100
 
@@ -83,7 +84,7 @@ class ModelFacts:
     def of(cls, model: nn.Module, label_smoothing: bool = False) -> "ModelFacts":
         """The facts of `model`; with `label_smoothing` the training loss is the Trainer's label smoother's, which
         shifts the labels of every model in transformers' causal-LM mapping."""
-        name = type(model).__name__
+        name = unsharded_class(model).__name__
         config = getattr(model, "config", None)
         causal_name = name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         if getattr(config, "is_encoder_decoder", False):
@@ -225,11 +226,14 @@ def output_logits(outputs: Any, has_loss: bool, class_name: str) -> torch.Tensor
     )
 
 
-def check_pairs(facts: ModelFacts, rule: str, pairs: Pairs, model_loss: torch.Tensor, num_items: Any) -> None:
+def check_pairs(
+    facts: ModelFacts, rule: str, pairs: Pairs, model_loss: torch.Tensor, num_items: Any, items_scale: int = 1
+) -> None:
     """AACETaskError unless the cross-entropy of `pairs` is the model's own loss (read back from the device once).
 
     The model's loss is the mean over the batch's items, or their sum divided by `num_items` when the Trainer gave the
-    model `num_items_in_batch`; either matches.
+    model `num_items_in_batch`, times `items_scale` where the Trainer scaled it in place (`num_items` then counts
+    every process's items); any of these matches.
     """
     logits, labels = pairs
     per_item = F.cross_entropy(logits.detach().float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
@@ -237,6 +241,8 @@ def check_pairs(facts: ModelFacts, rule: str, pairs: Pairs, model_loss: torch.Te
     candidates = [total / labels.ne(IGNORE_INDEX).sum().clamp(min=1)]
     if isinstance(num_items, torch.Tensor | int | float):
         candidates.append(total / torch.as_tensor(num_items, device=total.device))
+        if items_scale != 1:
+            candidates.append(candidates[-1] * items_scale)
     loss = model_loss.detach().float().mean()
     matched = torch.stack([torch.isclose(c, loss, rtol=1e-3, atol=1e-5) for c in candidates]).any()
     if not bool(matched):

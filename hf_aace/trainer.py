@@ -11,6 +11,7 @@ from transformers import Trainer
 
 from .hub import build_model_card, saved_processor_class
 from .image_batches import ImageBatchMixin
+from .sharding import perturbation_scope
 from .sharpness_aware import sharpness_aware
 from .trainer_internals import mark_scheduler_created
 
@@ -116,7 +117,7 @@ class AACETrainer(ImageBatchMixin, sharpness_aware(Trainer)):
         perturbation = {}
         if settings.method.perturbs:
             rho, normalized = self.perturbation_settings()
-            perturbation = {"rho": rho, "normalized": normalized}
+            perturbation = {"rho": rho, "normalized": normalized, "perturbed with the": perturbation_scope(self)}
             if settings.method.needs_class_labels:
                 perturbation.update(threshold=settings.aace_threshold, mode=settings.aace_mode)
         card = build_model_card(

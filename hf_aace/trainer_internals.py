@@ -75,6 +75,22 @@ def loss_is_scaled_for_ga(trainer: Trainer, num_items_in_batch: Any) -> bool:
     ) or trainer.compute_loss_func is not None
 
 
+def loss_scale_across_processes(trainer: Trainer, num_items_in_batch: Any) -> int:
+    """The factor `Trainer.compute_loss` multiplies a loss normalised by `num_items_in_batch` with, in place (the
+    model's own output too), when that count is summed over the processes (copied rule of transformers 5.x
+    `compute_loss`; tensor-parallel ranks share a batch after 5.17, `get_tp_size`)."""
+    if not (
+        getattr(trainer.args, "average_tokens_across_devices", False)
+        and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None)
+        and num_items_in_batch is not None
+    ):
+        return 1
+    if trainer.args.n_gpu > 1:
+        return trainer.args.n_gpu
+    tp_size = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
+    return trainer.accelerator.num_processes // tp_size
+
+
 def mean_over_data_parallel(trainer: Trainer, loss: torch.Tensor) -> torch.Tensor:
     """DataParallel (one process, several GPUs) returns one loss per GPU; `training_step` takes their mean."""
     return loss.mean() if trainer.args.n_gpu > 1 else loss

@@ -521,22 +521,6 @@ def test_overflowing_fp16_first_pass_skips_the_perturbation_and_is_counted(tmp_p
     assert "skipped_perturbations" not in second and second["perturbation_norm"] > 0
 
 
-@pytest.mark.parametrize("flag", ["is_deepspeed_enabled", "is_fsdp_enabled"])
-def test_deepspeed_and_fsdp_are_refused(tmp_path, monkeypatch, flag):
-    # Both need a distributed launch to enable; pretend the Trainer's accelerator set-up enabled one.
-    from transformers import Trainer
-
-    original = Trainer.create_accelerator_and_postprocess
-
-    def enable(self):
-        original(self)
-        setattr(self, flag, True)
-
-    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", enable)
-    with pytest.raises(ValueError, match="does not support DeepSpeed or FSDP yet"):
-        AACETrainer(model=tiny_wrn(), args=make_args(tmp_path), train_dataset=make_dataset())
-
-
 def test_resume_continues_the_augmentation_stream(tmp_path):
     from hf_aace import BatchAugmentation
     from hf_aace.data import ImageClassificationSplit

@@ -12,6 +12,7 @@ from hf_aace.trainer_internals import (
     activation_checkpointing_kwargs,
     compute_loss_pops_labels,
     loss_is_scaled_for_ga,
+    loss_scale_across_processes,
     model_loss_kwargs,
 )
 
@@ -60,6 +61,22 @@ def test_copied_rules_give_the_trainers_answers():
     assert model_loss_kwargs(fake_trainer(), 7) == {}
     assert compute_loss_pops_labels(fake_trainer(label_smoother=object()))
     assert not compute_loss_pops_labels(fake_trainer())
+
+
+def test_losses_normalised_across_processes_are_scaled_in_place_as_copied():
+    # loss_scale_across_processes copies this rule of Trainer.compute_loss; check_pairs relies on the scaling being
+    # in place (the model's own output changes with it).
+    compute_loss = inspect.getsource(Trainer.compute_loss)
+    for line in ("self.args.average_tokens_across_devices", "loss *= "):
+        assert line in compute_loss, f"Trainer.compute_loss no longer has {line!r}: update hf_aace.trainer_internals"
+    accelerator = SimpleNamespace(num_processes=4)
+    args = SimpleNamespace(average_tokens_across_devices=True, n_gpu=1)
+    trainer = fake_trainer(model_accepts_loss_kwargs=True, args=args, accelerator=accelerator)
+    assert loss_scale_across_processes(trainer, 12) == 4
+    assert loss_scale_across_processes(trainer, None) == 1
+    assert loss_scale_across_processes(fake_trainer(args=args, accelerator=accelerator), 12) == 1
+    args.average_tokens_across_devices = False
+    assert loss_scale_across_processes(trainer, 12) == 1
 
 
 def test_activation_checkpointing_settings_under_both_names():

@@ -158,6 +158,9 @@ class PyramidNetPreTrainedModel(PreTrainedModel):
 
 
 class PyramidNetModel(PyramidNetPreTrainedModel):
+    # The stem is what `get_input_embeddings()` returns (accelerate's FSDP2 wrapping asks every model for it).
+    _input_embed_layer = "embedder"
+
     def __init__(self, config: PyramidNetConfig):
         super().__init__(config)
         self.embedder = PyramidNetEmbeddings(config)

@@ -108,6 +108,9 @@ class WideResNetPreTrainedModel(PreTrainedModel):
 
 
 class WideResNetModel(WideResNetPreTrainedModel):
+    # The stem is what `get_input_embeddings()` returns (accelerate's FSDP2 wrapping asks every model for it).
+    _input_embed_layer = "embedder"
+
     def __init__(self, config: WideResNetConfig):
         super().__init__(config)
         self.embedder = nn.Conv2d(config.num_channels, 16, 3, padding=1, bias=False)

@@ -1,0 +1,209 @@
+"""The two-pass step under FSDP2 and DDP (tests/fsdp_train.py on two gloo processes), the launches it refuses, and
+models of any floating dtype."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from accelerate.utils import FullyShardedDataParallelPlugin
+from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
+
+from hf_aace import (
+    AACETrainer,
+    PyramidNetConfig,
+    PyramidNetForImageClassification,
+    SharpnessAwareArguments,
+    sharpness_aware,
+)
+from hf_aace.perturbation import global_norm
+from hf_aace.sharding import GLOBAL_BATCH, PER_PROCESS
+
+from fsdp_train import Images, full_weights, tiny_vit, train
+from test_trainer import make_args, make_dataset, tiny_wrn
+
+ROOT = Path(__file__).resolve().parents[1]
+# DDP first: the FSDP runs' arguments set ACCELERATE_USE_FSDP in the process environment.
+RUNS = ("aace:2:ddp", "aace:1", "aace:2", "sam:2", "asam:1", "aace:2:resume", "save")
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("fsdp")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += [str(ROOT / "tests" / "fsdp_train.py"), str(output_dir), *RUNS]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return output_dir
+
+
+def run_output(output_dir: Path, run: str) -> tuple[dict[str, torch.Tensor], dict]:
+    folder = output_dir / run.replace(":", "-")
+    return load_file(folder / "weights.safetensors"), json.loads((folder / "record.json").read_text())
+
+
+def assert_weights_close(weights: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], atol: float) -> float:
+    assert weights.keys() == reference.keys()
+    difference = max((weights[name] - reference[name]).abs().max().item() for name in reference)
+    assert difference <= atol, difference
+    return difference
+
+
+@pytest.mark.parametrize("run", ["aace:1", "aace:2", "sam:2", "asam:1"])
+def test_fsdp2_step_is_the_global_batch_step_of_one_process(two_process_runs, tmp_path, run):
+    method, accumulation = run.split(":")
+    weights, record = run_output(two_process_runs, run)
+    assert record["world_size"] == 2 and record["parameter_types"] == ["DTensor"]  # really sharded
+    assert record["resolved"]["perturbation_scope"] == GLOBAL_BATCH
+    reference = train(tmp_path, method, int(accumulation), processes=1)
+    assert_weights_close(weights, full_weights(reference), atol=1e-6)
+    # The perturbation's norm is global: the logged first-pass gradient norms are the global batch's.
+    logged = [entry["perturbation_grad_norm"] for entry in record["history"] if "loss" in entry]
+    expected = [entry["perturbation_grad_norm"] for entry in reference.state.log_history if "loss" in entry]
+    assert logged == pytest.approx(expected, rel=1e-5)
+    # Training moved the weights well beyond the tolerance, and the perturbation mattered.
+    initial = tiny_vit().state_dict()
+    assert max((weights[name] - initial[name]).abs().max().item() for name in initial) > 0.05
+    plain = train(tmp_path / "sgd", "sgd", int(accumulation), processes=1)
+    assert max((weights[n] - w).abs().max().item() for n, w in full_weights(plain).items()) > 1e-3
+
+
+def test_fsdp2_checkpoint_resumes_to_the_weights_of_an_uninterrupted_run(two_process_runs):
+    resumed, record = run_output(two_process_runs, "aace:2:resume")
+    uninterrupted, _ = run_output(two_process_runs, "aace:2")
+    assert_weights_close(resumed, uninterrupted, atol=1e-6)
+    assert record["history"][-2]["step"] == 3
+
+
+def test_fsdp2_saves_the_models_own_remote_code_weights_and_card(two_process_runs):
+    # FSDP2 renames the model's class to FSDPWideResNetForImageClassification, defined in torch: save_pretrained would
+    # copy torch's FSDP files as the remote code and point auto_map at them.
+    folder = two_process_runs / "save"
+    saved = folder / "saved"
+    assert sorted(p.name for p in saved.glob("*.py")) == ["configuration_wide_resnet.py", "modeling_wide_resnet.py"]
+    config = json.loads((saved / "config.json").read_text())
+    assert config["architectures"] == ["WideResNetForImageClassification"]
+    assert config["auto_map"]["AutoModelForImageClassification"] == (
+        "modeling_wide_resnet.WideResNetForImageClassification"
+    )
+    model = AutoModelForImageClassification.from_pretrained(saved, trust_remote_code=True)
+    assert type(model).__name__ == "WideResNetForImageClassification"
+    trained = load_file(folder / "weights.safetensors")
+    assert_weights_close(dict(model.state_dict()), trained, atol=0)
+    card = (folder / "README.md").read_text()
+    assert "FSDP" not in card and "perturbed with the global batch" in card
+    assert "AutoModelForImageClassification" in card
+
+
+def test_ddp_perturbs_each_process_with_its_own_batch_and_records_it(two_process_runs, tmp_path):
+    # ViT takes loss keyword arguments: under DDP with accumulation the Trainer scales its loss by the number of
+    # processes in place, which the pair check must allow for (it refused this run before).
+    weights, record = run_output(two_process_runs, "aace:2:ddp")
+    assert record["world_size"] == 2 and record["parameter_types"] == ["Parameter"]
+    assert record["resolved"]["perturbation_scope"] == PER_PROCESS
+    global_batch = full_weights(train(tmp_path, "aace", 2, processes=1))
+    assert max((weights[name] - global_batch[name]).abs().max().item() for name in weights) > 1e-3
+
+
+def test_single_process_runs_record_the_global_batch_scope(tmp_path):
+    trainer = AACETrainer(model=tiny_wrn(), args=make_args(tmp_path), train_dataset=make_dataset())
+    assert trainer.resolved_sharpness_aware()["perturbation_scope"] == GLOBAL_BATCH
+
+
+def pretend_launch(monkeypatch, **attributes):
+    """The Trainer's accelerator set-up as a distributed launch would leave it (these need one to enable)."""
+    original = Trainer.create_accelerator_and_postprocess
+
+    def create(self):
+        original(self)
+        for name, value in attributes.items():
+            if name == "fsdp_plugin":
+                monkeypatch.setattr(AcceleratorState(), "fsdp_plugin", value, raising=False)
+            elif name == "scaler":
+                monkeypatch.setattr(self.accelerator, "scaler", value)
+            else:
+                setattr(self, name, value)
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", create)
+
+
+@pytest.mark.parametrize(
+    "attributes, message",
+    [
+        ({"is_deepspeed_enabled": True}, "does not support DeepSpeed"),
+        ({"is_fsdp_enabled": True, "fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=1)}, "FSDP1"),
+        (
+            {"is_fsdp_enabled": True, "fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=2), "scaler": 1},
+            "fp16 under FSDP2",
+        ),
+    ],
+)
+def test_launches_the_step_cannot_serve_exactly_are_refused(tmp_path, monkeypatch, attributes, message):
+    pretend_launch(monkeypatch, **attributes)
+    with pytest.raises(ValueError, match=message):
+        AACETrainer(model=tiny_wrn(), args=make_args(tmp_path), train_dataset=make_dataset())
+
+
+def test_fsdp2_launch_is_accepted(tmp_path, monkeypatch):
+    pretend_launch(monkeypatch, is_fsdp_enabled=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
+    trainer = AACETrainer(model=tiny_wrn(), args=make_args(tmp_path), train_dataset=make_dataset())
+    assert trainer.is_fsdp_enabled
+
+
+@pytest.mark.parametrize("how", ["arguments", "launcher"])
+def test_fsdp_that_would_silently_run_as_ddp_is_refused(tmp_path, monkeypatch, how):
+    if how == "launcher":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        args = make_args(tmp_path)
+    else:
+        # What --fsdp and fsdp_config give on a multi-process CPU launch (a single process refuses them itself).
+        args = make_args(tmp_path)
+        args.fsdp_plugin_args = {"fsdp_version": 2}
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # accelerate sets it when given the plugin: undone after
+    for trainer_class in (AACETrainer, sharpness_aware(Trainer)):
+        with pytest.raises(ValueError, match="would silently be DDP"):
+            trainer_class(model=tiny_wrn(), args=args, train_dataset=make_dataset())
+
+
+@pytest.mark.parametrize("method", ["sam", "asam", "aace"])
+def test_float64_models_train(tmp_path, method):
+    model = tiny_vit().double()
+    dataset = Images()
+    dataset.pixel_values = dataset.pixel_values.double()
+    args = TrainingArguments(
+        str(tmp_path),
+        use_cpu=True,
+        per_device_train_batch_size=8,
+        max_steps=2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+    )
+    settings = SharpnessAwareArguments(sam_method=method)
+    trainer = sharpness_aware(Trainer)(model=model, args=args, train_dataset=dataset, sharpness_aware_args=settings)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer.train()
+    assert all(p.dtype == torch.float64 and p.isfinite().all() for p in model.parameters())
+    assert any(not torch.equal(before[name], p) for name, p in model.named_parameters())
+    assert trainer.state.log_history[0]["perturbation_norm"] > 0
+
+
+def test_global_norm_keeps_float64():
+    tensors = [torch.full((3,), 1e-200, dtype=torch.float64), torch.full((2,), 2e-200, dtype=torch.float64)]
+    norm = global_norm(tensors)
+    # Far below float32's range: squared in float32, these would underflow to 0.
+    assert norm.dtype == torch.float64 and norm.item() == pytest.approx(11**0.5 * 1e-200, rel=1e-12)
+    assert global_norm([torch.ones(4, dtype=torch.bfloat16)]).dtype == torch.float32
+
+
+def test_own_models_name_their_stem_as_input_embeddings():
+    # accelerate's FSDP2 wrapping calls get_input_embeddings() on every model it shards.
+    wide_resnet = tiny_wrn()
+    assert wide_resnet.get_input_embeddings() is wide_resnet.wide_resnet.embedder
+    pyramidnet = PyramidNetForImageClassification(PyramidNetConfig(depth=8, alpha=6, num_labels=3))
+    assert pyramidnet.get_input_embeddings() is pyramidnet.pyramidnet.embedder
