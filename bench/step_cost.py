@@ -48,6 +48,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from hf_aace import AACETrainer
 from hf_aace.methods import METHODS
+from hf_aace.training_args import parse_method_variant
 
 from common import (
     StepTimer,
@@ -163,24 +164,6 @@ def fixed_batch(spec: str, cli: argparse.Namespace, length: int) -> FixedBatch:
     return FixedBatch(inputs, length)
 
 
-VARIANT_SETTINGS = {"k": ("perturbation_interval", int), "f": ("perturbation_batch_fraction", float)}
-
-
-def method_variant(spec: str) -> tuple[str, dict]:
-    """ "aace:k=5:f=0.5" -> ("aace", {"perturbation_interval": 5, "perturbation_batch_fraction": 0.5})."""
-    name, *options = spec.split(":")
-    settings = {}
-    for option in options:
-        key, _, value = option.partition("=")
-        if key not in VARIANT_SETTINGS or not value:
-            raise ValueError(f"{spec!r}: options are k=INTERVAL and f=FRACTION, e.g. aace:k=5 or sam:f=0.5.")
-        field, cast = VARIANT_SETTINGS[key]
-        settings[field] = cast(value)
-    if name not in METHODS:
-        raise ValueError(f"{spec!r}: the method must be one of {', '.join(METHODS)}.")
-    return name, settings
-
-
 def median_or_none(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -204,7 +187,7 @@ def run(cli: argparse.Namespace) -> dict:
             timer = StepTimer(device)
             trainers = {}
             for method in cli.methods:
-                name, settings = method_variant(method)
+                name, settings = parse_method_variant(method)
                 args = training_arguments(name, output_dir, cli, max_steps, **settings)
                 trainers[method] = AACETrainer(model=model, args=args, train_dataset=dataset, callbacks=[timer])
                 trainers[method].remove_callback(PrinterCallback)  # the end-of-train metrics line, once per call
@@ -322,7 +305,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--device cuda, but torch sees no CUDA device.")
     for method in cli.methods:
         try:
-            method_variant(method)
+            parse_method_variant(method)
         except ValueError as error:
             parser.error(str(error))
     for spec in cli.models:

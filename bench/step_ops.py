@@ -28,9 +28,10 @@ from transformers.trainer_callback import PrinterCallback
 from hf_aace import AACETrainer
 from hf_aace.methods import METHODS
 from hf_aace.op_count import OpCounter
+from hf_aace.training_args import parse_method_variant
 
 from common import run_and_report, training_arguments
-from step_cost import TRANSFORMERS_MODELS, build_model, fixed_batch, method_variant
+from step_cost import TRANSFORMERS_MODELS, build_model, fixed_batch
 
 
 class StepCounts(TrainerCallback):
@@ -56,7 +57,7 @@ def run(cli: argparse.Namespace) -> dict:
             for method in cli.methods:
                 torch.manual_seed(0)
                 model = build_model(spec)
-                name, settings = method_variant(method)
+                name, settings = parse_method_variant(method)
                 args = training_arguments(name, output_dir, cli, cli.steps + 1, **settings)
                 counter = OpCounter()
                 counts = StepCounts(counter)
@@ -114,7 +115,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     cli.device, cli.bf16, cli.compile = "cpu", False, False
     for method in cli.methods:
         try:
-            method_variant(method)
+            parse_method_variant(method)
         except ValueError as error:
             parser.error(str(error))
     for spec in cli.models:

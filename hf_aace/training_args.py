@@ -7,6 +7,7 @@ plus the paper's recipe settings, for `scripts/train.py` and hyperparameter sear
 """
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -140,6 +141,67 @@ class SharpnessAwareArguments:
 
 
 SHARPNESS_AWARE_FIELDS = tuple(SharpnessAwareArguments.__dataclass_fields__)
+
+# The short options of a method variant (`aace:k=5:f=0.5`), in the order its name lists them: option -> (field, type).
+# Scripts and benchmarks that set several steps side by side in one command (scripts/compare.py, bench/step_cost.py,
+# bench/step_ops.py) read variants through `parse_method_variant` and name them with `method_variant_name`.
+VARIANT_OPTIONS = {"k": ("perturbation_interval", int), "f": ("perturbation_batch_fraction", float)}
+VARIANT_FORM = "METHOD[:k=INTERVAL][:f=FRACTION], e.g. aace:k=5 or sam:f=0.5"
+
+
+def parse_method_variant(spec: str) -> tuple[str, dict[str, int | float]]:
+    """Reads a method with cheaper-step settings: "aace:k=5:f=0.5" is ("aace", {"perturbation_interval": 5,
+    "perturbation_batch_fraction": 0.5}), a plain "sam" is ("sam", {}).
+
+    Args:
+        spec: a `sam_method`, optionally followed by `:k=INTERVAL` (`perturbation_interval`) and `:f=FRACTION`
+            (`perturbation_batch_fraction`).
+
+    Returns:
+        The method's name and the fields its options set.
+
+    Raises:
+        ValueError: naming the accepted form, for an unknown method or option, a repeated option, a value of the
+            wrong type or out of range, or an option on a method without a first pass ("sgd").
+    """
+    name, *options = spec.split(":")
+    settings: dict[str, int | float] = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in VARIANT_OPTIONS or not value:
+            raise ValueError(f"{spec!r} is not a method variant; write {VARIANT_FORM}.")
+        field_name, cast = VARIANT_OPTIONS[key]
+        if field_name in settings:
+            raise ValueError(f"{spec!r} gives {key} twice; give each option once: {VARIANT_FORM}.")
+        try:
+            settings[field_name] = cast(value)
+        except ValueError:
+            raise ValueError(
+                f"{spec!r}: {key} takes {'a whole number' if cast is int else 'a number'}; write {VARIANT_FORM}."
+            ) from None
+    if name not in METHODS:
+        raise ValueError(f"{spec!r}: the method must be one of {', '.join(METHODS)}; write {VARIANT_FORM}.")
+    if settings and not METHODS[name].perturbs:
+        raise ValueError(f"{spec!r}: {name} takes no first pass, so k and f do not apply; write {name} alone.")
+    try:
+        SharpnessAwareArguments(sam_method=name, **settings)
+    except ValueError as error:
+        raise ValueError(
+            f"{spec!r}: {error} (k is --perturbation_interval, f --perturbation_batch_fraction)"
+        ) from None
+    return name, settings
+
+
+def method_variant_name(sam_method: str, settings: Mapping[str, object]) -> str:
+    """The one name of a variant: `sam_method`, then each `VARIANT_OPTIONS` field that `settings` (a run's training
+    arguments, or `parse_method_variant`'s result) sets away from its default, so "aace:f=0.5:k=5" and
+    "aace:k=5:f=0.5" name the same variant and "aace:k=1" is "aace"."""
+    name = sam_method
+    for key, (field_name, _) in VARIANT_OPTIONS.items():
+        value = settings.get(field_name)
+        if value is not None and value != SharpnessAwareArguments.__dataclass_fields__[field_name].default:
+            name += f":{key}={value}"
+    return name
 
 
 @dataclass

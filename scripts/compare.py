@@ -2,12 +2,17 @@
 """Compare SGD, SAM, ASAM and AACE over seeds, as the paper's tables do, and summarise the runs.
 
 Each (method, seed) is an ordinary `scripts/train.py` run in `OUTPUT_DIR/{method}-seed{seed}` (model, card, metrics,
-plots, checkpoints), launched as a subprocess. Every flag this script does not know goes to `scripts/train.py`, so
-the model, dataset and recipe are chosen as for one run. At the end it writes `comparison.json`, `comparison.md`
-(mean ± sample std of the test accuracy per method) and `comparison.png` into OUTPUT_DIR.
+plots, checkpoints), launched as a subprocess. Every flag this script does not know goes to `scripts/train.py`, so the
+model, dataset and recipe are chosen as for one run. At the end it writes `comparison.json`, `comparison.md` (mean ±
+sample std of the test accuracy per method) and `comparison.png` into OUTPUT_DIR.
+
+A method may carry cheaper-step settings and is then a contender of its own, with its own runs, row and colour:
+`aace:k=5` trains with `--sam_method aace --perturbation_interval 5` in `OUTPUT_DIR/aace-k5-seed{seed}`, `sam:f=0.5`
+with `--sam_method sam --perturbation_batch_fraction 0.5` in `OUTPUT_DIR/sam-f0.5-seed{seed}`.
 
     python scripts/compare.py --dataset digits --methods sgd sam asam aace --seeds 0 1 2 --label_noise 0.2 \
         --output_dir outputs/compare --model wide_resnet --depth 16 --widen_factor 2
+    python scripts/compare.py --dataset digits --methods sgd aace aace:k=5 aace:f=0.5 --output_dir outputs/cheaper
     python scripts/compare.py scripts/configs/paper_cifar100.json --launcher "accelerate launch --num_processes 8"
     python scripts/compare.py --summarize outputs/machine-a outputs/machine-b --output_dir outputs/merged
 
@@ -31,6 +36,12 @@ matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 from hf_aace.methods import METHODS  # noqa: E402
+from hf_aace.training_args import (  # noqa: E402
+    VARIANT_FORM,
+    VARIANT_OPTIONS,
+    method_variant_name,
+    parse_method_variant,
+)
 
 TRAIN = Path(__file__).resolve().with_name("train.py")
 # The paper's row order (the baseline first, the proposed method last), then any other method of the library's table.
@@ -39,8 +50,9 @@ ALL_METHODS = tuple(name for name in METHOD_ORDER if name in METHODS) + tuple(
     name for name in METHODS if name not in METHOD_ORDER
 )
 DEFAULT_SEEDS = (0, 1, 2)
-# train.py flags this script sets per run.
-RESERVED_FLAGS = ("--sam_method", "--seed", "--output_dir", "--resume_from_checkpoint")
+# train.py flags this script sets per run: the method's own from its variant (`aace:k=5`).
+VARIANT_FLAGS = tuple(f"--{field_name}" for field_name, _ in VARIANT_OPTIONS.values())
+RESERVED_FLAGS = ("--sam_method", *VARIANT_FLAGS, "--seed", "--output_dir", "--resume_from_checkpoint")
 # run_arguments.json entries that must agree between runs for their accuracies to be comparable (not where the files
 # came from, nor the batch split over processes). The method's own settings are compared within each method only.
 SHARED_SETTINGS = {
@@ -95,7 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"method its own default ({default_rhos}); a --rho given here applies to all methods.",
         allow_abbrev=False,  # --seed must reach the check below rather than be read as --seeds
     )
-    parser.add_argument("--methods", nargs="+", help=f"Methods to compare (default: {' '.join(ALL_METHODS)}).")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        help=f"Methods to compare (default: {' '.join(ALL_METHODS)}). Each may carry cheaper-step settings and is "
+        f"then compared as a method of its own: {VARIANT_FORM} (k: --perturbation_interval, f: "
+        "--perturbation_batch_fraction).",
+    )
     parser.add_argument(
         "--seeds",
         nargs="+",
@@ -150,17 +168,26 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         train_flags = config_flags(values) + train_flags  # later flags win, so the command line overrides the file
     if options.output_dir is None:
         parser.error("--output_dir is required (the folder of the runs and of the comparison files).")
+    unknown = [method for method in options.methods or () if method.split(":")[0] not in METHODS]
+    if unknown:
+        parser.error(
+            f"unknown method {' '.join(unknown)}; --methods takes any of: {' '.join(ALL_METHODS)}, each with optional "
+            f"cheaper-step settings: {VARIANT_FORM}."
+        )
+    if options.methods is not None:
+        try:  # one name per contender, so that aace:f=0.5:k=5 and aace:k=5:f=0.5 are one method, aace:k=1 is aace
+            options.methods = [method_variant_name(*parse_method_variant(method)) for method in options.methods]
+        except ValueError as error:
+            parser.error(f"--methods: {error}")
     for name, values in (("--methods", options.methods), ("--seeds", options.seeds)):
         if values is not None and len(set(values)) != len(values):
             parser.error(f"{name} lists a value twice: {' '.join(map(str, values))}.")
-    unknown = [method for method in options.methods or () if method not in METHODS]
-    if unknown:
-        parser.error(f"unknown method {' '.join(unknown)}; --methods takes any of: {' '.join(ALL_METHODS)}.")
     reserved = sorted({flag.split("=")[0] for flag in train_flags if flag.split("=")[0] in RESERVED_FLAGS})
     if reserved:
         parser.error(
-            f"{' '.join(reserved)} is set per run by this script: use --methods, --seeds and --output_dir (a rerun "
-            "resumes unfinished runs by itself)."
+            f"{' '.join(reserved)} is set per run by this script: use --methods, --seeds and --output_dir (method "
+            "variants such as aace:k=5 or sam:f=0.5 set the cheaper-step settings; a rerun resumes unfinished runs by "
+            "itself)."
         )
     if options.summarize and train_flags:
         parser.error(f"--summarize trains nothing; remove the scripts/train.py flags {' '.join(train_flags)}.")
@@ -173,13 +200,17 @@ def train_runs(
     """Runs scripts/train.py once per method and seed, skipping finished runs; stops at the first failure."""
     command_start = shlex.split(launcher) if launcher else [sys.executable]
     for method in methods:
+        name, settings = parse_method_variant(method)
+        method_flags = ["--sam_method", name]
+        for field_name, value in settings.items():
+            method_flags += [f"--{field_name}", str(value)]
         for seed in seeds:
-            run_dir = output_dir / f"{method}-seed{seed}"
+            run_dir = output_dir / run_folder_name(method, seed)
             if is_finished(run_dir):
                 print(f"{run_dir.name}: finished earlier, skipped")
                 continue
             command = [*command_start, str(TRAIN), *train_flags]
-            command += ["--sam_method", method, "--seed", str(seed), "--output_dir", str(run_dir)]
+            command += [*method_flags, "--seed", str(seed), "--output_dir", str(run_dir)]
             run_dir.mkdir(parents=True, exist_ok=True)
             log_path = run_dir / "train.log"
             print(f"{run_dir.name}: training (log: {log_path})", flush=True)
@@ -197,6 +228,18 @@ def train_runs(
                 )
             accuracy = json.loads((run_dir / "all_results.json").read_text())["test_accuracy"]
             print(f"{run_dir.name}: test accuracy {accuracy:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def run_folder_name(method: str, seed: int) -> str:
+    """The run's folder: "aace-seed0", "aace-k5-seed0" for aace:k=5 (no ":", which Windows refuses in file names,
+    nor "=")."""
+    return f"{method.replace(':', '-').replace('=', '')}-seed{seed}"
+
+
+def display_name(method: str) -> str:
+    """How tables and plots name a method: "AACE", "AACE:k=5"."""
+    name, separator, options = method.partition(":")
+    return name.upper() + separator + options
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -220,7 +263,8 @@ def collect_runs(folders: list[Path]) -> list[dict[str, Any]]:
             history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
             runs.append(
                 {
-                    "method": arguments["training"]["sam_method"],
+                    # Runs older than the cheaper-step settings lack them: their defaults, the plain method.
+                    "method": method_variant_name(arguments["training"]["sam_method"], arguments["training"]),
                     "seed": arguments["training"]["seed"],
                     "test_accuracy": results["test_accuracy"],
                     "test_top5_accuracy": results.get("test_top5_accuracy"),
@@ -232,6 +276,12 @@ def collect_runs(folders: list[Path]) -> list[dict[str, Any]]:
                 }
             )
     return runs
+
+
+def methods_found(runs: list[dict[str, Any]]) -> list[str]:
+    """Every method the runs hold, in the order of `ALL_METHODS`, each method's variants after it by name."""
+    names = {run["method"] for run in runs}
+    return sorted(names, key=lambda name: (ALL_METHODS.index(parse_method_variant(name)[0]), ":" in name, name))
 
 
 def select_runs(runs: list[dict[str, Any]], methods: list[str], seeds: list[int] | None) -> list[dict[str, Any]]:
@@ -285,14 +335,15 @@ def shared_settings(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def method_settings(method: str, training: dict[str, Any]) -> dict[str, Any]:
     """A run's perturbation settings, with the method's defaults filled in where the run left them unset."""
-    if not METHODS[method].perturbs:
+    entry = METHODS[parse_method_variant(method)[0]]
+    if not entry.perturbs:
         return {}
     own = {key: training.get(key) for key in METHOD_SETTINGS}
     if own["rho"] is None:
-        own["rho"] = METHODS[method].default_rho
+        own["rho"] = entry.default_rho
     if own["normalize_perturbation"] is None:
-        own["normalize_perturbation"] = METHODS[method].default_normalize
-    if METHODS[method].perturbation_loss != "aace":  # the AACE options act on the AACE loss only
+        own["normalize_perturbation"] = entry.default_normalize
+    if entry.perturbation_loss != "aace":  # the AACE options act on the AACE loss only
         del own["aace_threshold"], own["aace_mode"]
     return own
 
@@ -323,7 +374,7 @@ def markdown(runs: list[dict[str, Any]], summary: dict[str, dict[str, Any]], set
         per_seed = ", ".join(
             f"{run['seed']}: {100 * run['test_accuracy']:.2f}" for run in runs if run["method"] == method
         )
-        rows.append(f"| {method.upper()} | {cell} | {entry['n']} | {per_seed} |")
+        rows.append(f"| {display_name(method)} | {cell} | {entry['n']} | {per_seed} |")
     model = ", ".join(
         f"{key} {settings[key]}" for key in SHARED_SETTINGS["model"] if key in settings and key != "model"
     )
@@ -346,7 +397,11 @@ def markdown(runs: list[dict[str, Any]], summary: dict[str, dict[str, Any]], set
             for key, value in settings.items()
             if key not in ("method_settings", "command", "first_run_command")
         ),
-        *(f"- {method.upper()}: {json.dumps(own)}" for method, own in settings["method_settings"].items() if own),
+        *(
+            f"- {display_name(method)}: {json.dumps(own)}"
+            for method, own in settings["method_settings"].items()
+            if own
+        ),
         "",
         "Command:",
         "",
@@ -369,7 +424,7 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, dict[str, Any]], path: P
         offsets = [0.0] if len(values) == 1 else [0.2 * (i / (len(values) - 1) - 0.5) for i in range(len(values))]
         left.scatter([index + offset for offset in offsets], values, color=colours[method], zorder=3, label=None)
         left.hlines(100 * entry["mean"], index - 0.3, index + 0.3, color=colours[method], linewidth=2.5)
-    left.set_xticks(range(len(summary)), [method.upper() for method in summary])
+    left.set_xticks(range(len(summary)), [display_name(method) for method in summary])
     left.set(title="Test accuracy per seed (bar: mean)", ylabel="test accuracy (%)")
     left.grid(axis="y", alpha=0.3)
     labelled = set()
@@ -377,7 +432,7 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, dict[str, Any]], path: P
         if not run["curve"]:
             continue
         epochs, accuracies = zip(*run["curve"])
-        label = None if run["method"] in labelled else run["method"].upper()
+        label = None if run["method"] in labelled else display_name(run["method"])
         labelled.add(run["method"])
         right.plot(epochs, [100 * value for value in accuracies], color=colours[run["method"]], alpha=0.7, label=label)
     right.set(title="Test accuracy during training (one line per run)", xlabel="epoch", ylabel="test accuracy (%)")
@@ -412,16 +467,17 @@ def main(argv: list[str]) -> int:
     output_dir = Path(options.output_dir)
     command = shlex.join(["python", "scripts/compare.py", *argv])
     if options.summarize:
-        methods = options.methods or list(ALL_METHODS)
-        runs = select_runs(collect_runs([Path(folder) for folder in options.summarize]), methods, options.seeds)
+        found = collect_runs([Path(folder) for folder in options.summarize])
+        runs = select_runs(found, options.methods or methods_found(found), options.seeds)
     else:
         methods, seeds = options.methods or list(ALL_METHODS), options.seeds or list(DEFAULT_SEEDS)
         train_runs(output_dir, methods, seeds, train_flags, options.launcher)
         runs = select_runs(collect_runs([output_dir]), methods, seeds)
     comparison = write_comparison(runs, output_dir, command)
+    width = max(len(method) for method in comparison["summary"])
     for method, entry in comparison["summary"].items():
         spread = f" ± {100 * entry['std']:.2f}" if entry["std"] is not None else ""
-        print(f"{method.upper():>5}: {100 * entry['mean']:.2f}{spread} % test accuracy (n = {entry['n']})")
+        print(f"{display_name(method):>{width}}: {100 * entry['mean']:.2f}{spread} % test accuracy (n = {entry['n']})")
     print(f"comparison.json, comparison.md and comparison.png are in {output_dir}")
     return 0
 

@@ -220,6 +220,101 @@ def test_bad_options_are_refused_with_the_fix(arguments, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "method, message",
+    [
+        ("aace:k=0", "'aace:k=0': --perturbation_interval must be a whole number of optimizer steps >= 1"),
+        ("aace:k=1.5", "'aace:k=1.5': k takes a whole number; write METHOD[:k=INTERVAL][:f=FRACTION]"),
+        ("sam:f=1.5", "'sam:f=1.5': --perturbation_batch_fraction must lie in (0, 1]"),
+        ("aace:x=5", "'aace:x=5' is not a method variant; write METHOD[:k=INTERVAL][:f=FRACTION], e.g. aace:k=5"),
+        ("aace:k=5:k=2", "'aace:k=5:k=2' gives k twice"),
+        ("sgd:k=5", "'sgd:k=5': sgd takes no first pass, so k and f do not apply"),
+        ("adamw:k=5", "unknown method adamw:k=5; --methods takes any of: sgd sam asam aace, each with optional"),
+    ],
+)
+def test_bad_method_variants_are_refused_with_the_accepted_form(method, message, capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_arguments(["--methods", "sgd", method, "--output_dir", "out"])
+    assert message in capsys.readouterr().err
+
+
+def test_method_variants_get_one_name_each_and_their_flags_are_set_per_method(capsys):
+    options, _ = compare.parse_arguments(["--methods", "sam", "aace:f=0.5:k=5", "aace:k=1", "--output_dir", "out"])
+    assert options.methods == ["sam", "aace:k=5:f=0.5", "aace"]
+    with pytest.raises(SystemExit):
+        compare.parse_arguments(["--methods", "aace", "aace:k=1", "--output_dir", "out"])
+    assert "--methods lists a value twice: aace aace" in capsys.readouterr().err
+    for flag in ("--perturbation_interval", "--perturbation_batch_fraction=0.5"):
+        with pytest.raises(SystemExit):
+            compare.parse_arguments(["--methods", "aace", flag, "5", "--output_dir", "out"])
+        assert (
+            "is set per run by this script: use --methods, --seeds and --output_dir (method variants such as "
+            "aace:k=5" in capsys.readouterr().err
+        )
+
+
+# Stands in for scripts/train.py: writes the files of a finished run, with a test accuracy per (sam_method,
+# perturbation_interval, perturbation_batch_fraction) and seed, so that the comparison of variants is checked without
+# training.
+FAKE_ACCURACY = {("sgd", 1, 1.0): 0.90, ("aace", 1, 1.0): 0.80, ("aace", 5, 1.0): 0.86, ("aace", 1, 0.5): 0.82}
+FAKE_TRAIN = f"""
+import json, sys
+from pathlib import Path
+flags = dict(zip(sys.argv[2::2], sys.argv[3::2]))
+training = {{"sam_method": flags["--sam_method"], "seed": int(flags["--seed"]),
+            "perturbation_interval": int(flags.get("--perturbation_interval", 1)),
+            "perturbation_batch_fraction": float(flags.get("--perturbation_batch_fraction", 1.0))}}
+key = training["sam_method"], training["perturbation_interval"], training["perturbation_batch_fraction"]
+accuracy = {FAKE_ACCURACY!r}[key]
+accuracy -= 0.02 * training["seed"]
+run = Path(flags["--output_dir"])
+arguments = {{"model": {{"model": "wrn-10-1"}}, "data": {{"dataset": "digits", "label_noise": 0.2}},
+             "training": training}}
+(run / "all_results.json").write_text(json.dumps({{"test_accuracy": accuracy}}))
+(run / "trainer_state.json").write_text(json.dumps({{"log_history": [{{"epoch": 1.0, "eval_accuracy": accuracy}}]}}))
+(run / "run_arguments.json").write_text(json.dumps(arguments))
+"""
+
+
+def test_method_variants_train_and_are_summarised_as_methods_of_their_own(tmp_path, capsys):
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    output = tmp_path / "out"
+    methods = ["sgd", "aace", "aace:k=5", "aace:f=0.5"]
+    arguments = ["--methods", *methods, "--seeds", "0", "1", "--output_dir", str(output), "--label_noise", "0.2"]
+    assert compare.main([*arguments, "--launcher", f"{sys.executable} {fake}"]) == 0
+
+    folders = {"sgd": "sgd", "aace": "aace", "aace:k=5": "aace-k5", "aace:f=0.5": "aace-f0.5"}
+    flags = {"sgd": "sgd", "aace": "aace", "aace:k=5": "aace --perturbation_interval 5"}
+    flags["aace:f=0.5"] = "aace --perturbation_batch_fraction 0.5"
+    for method, folder in folders.items():
+        command = (output / f"{folder}-seed1" / "train.log").read_text()
+        assert command.endswith(f"--sam_method {flags[method]} --seed 1 --output_dir {output / f'{folder}-seed1'}\n")
+        assert "--label_noise 0.2" in command
+    train = load_train_module()
+    *_, args = train.parse_arguments(command.split()[4:])  # the real scripts/train.py reads the variant's flags
+    assert (args.sam_method, args.perturbation_batch_fraction, args.perturbation_interval) == ("aace", 0.5, 1)
+
+    comparison = json.loads((output / "comparison.json").read_text())
+    assert list(comparison["summary"]) == methods
+    assert [run["method"] for run in comparison["runs"]] == [method for method in methods for _ in (0, 1)]
+    table = (output / "comparison.md").read_text()
+    assert "| SGD | **89.00 ± 1.41** | 2 | 0: 90.00, 1: 88.00 |" in table
+    assert "| AACE | 79.00 ± 1.41 | 2 | 0: 80.00, 1: 78.00 |" in table
+    assert "| AACE:k=5 | 85.00 ± 1.41 | 2 | 0: 86.00, 1: 84.00 |" in table
+    assert "| AACE:f=0.5 | 81.00 ± 1.41 | 2 | 0: 82.00, 1: 80.00 |" in table
+    printed = capsys.readouterr().out
+    assert "aace-k5-seed0: test accuracy 0.8600" in printed and "  AACE:k=5: 85.00 ± 1.41 % test accuracy" in printed
+
+    # A rerun skips the variants' finished runs, and --summarize finds them without --methods, each after its method.
+    assert compare.main([*arguments, "--launcher", "false"]) == 0
+    assert "aace-f0.5-seed1: finished earlier, skipped" in capsys.readouterr().out
+    assert compare.main(["--summarize", str(output), "--output_dir", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "comparison.json").read_text())
+    assert list(merged["summary"]) == ["sgd", "aace", "aace:f=0.5", "aace:k=5"]
+    assert merged["summary"]["aace:k=5"] == comparison["summary"]["aace:k=5"]
+
+
 def test_every_method_of_the_library_can_be_compared():
     assert compare.ALL_METHODS[:4] == ("sgd", "sam", "asam", "aace")
     assert set(compare.ALL_METHODS) == set(METHODS)
