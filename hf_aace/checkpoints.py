@@ -16,9 +16,11 @@ import re
 from pathlib import Path
 
 import torch
+from accelerate.utils.constants import FSDP_MODEL_NAME
+from accelerate.utils.constants import OPTIMIZER_NAME as FSDP_OPTIMIZER_NAME
 from safetensors import safe_open
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
@@ -31,9 +33,11 @@ _CHECKPOINT_FOLDER = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
     """Says what keeps `checkpoint` from being resumed from, or returns None when it is complete.
 
-    Complete means: `trainer_state.json` parses, the safetensors weights (or every shard of their index) have an
-    intact header and the size it announces, `optimizer.pt`, `scheduler.pt` and an RNG state are present, and every
-    `.pt`/`.pth` file loads with `torch.load(weights_only=True)` (memory-mapped, so large files cost little).
+    Complete means: `trainer_state.json` parses; the weights are present and intact: safetensors weights (or every
+    shard of their index) with an intact header and the size it announces, or, under FSDP, accelerate's model and
+    optimizer states (sharded: distributed-checkpoint folders whose `.metadata` is written last; whole: `.bin` files);
+    the optimizer state, `scheduler.pt` and an RNG state are present; and every `.pt`/`.pth`/`.bin` file loads with
+    `torch.load(weights_only=True)` (memory-mapped, so large files cost little).
     """
     folder = Path(checkpoint)
     if not folder.is_dir():
@@ -45,7 +49,27 @@ def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
         json.loads(state.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         return f"{TRAINER_STATE_NAME} is unreadable ({_describe(error)})"
+    fsdp = _fsdp_states(folder)
+    problem = _fsdp_problem(folder, fsdp) if fsdp else _weights_problem(folder)
+    if problem is not None:
+        return problem
+    for name in ((fsdp or {}).get("optimizer", OPTIMIZER_NAME), SCHEDULER_NAME):
+        if not (folder / name).exists():
+            return f"{name} is missing: resuming would restart the optimizer or the learning-rate schedule"
+    if not any(folder.glob("rng_state*.pth")):
+        return "no RNG state (rng_state.pth) is present"
+    for path in sorted([*folder.glob("*.pt"), *folder.glob("*.pth"), *folder.glob("*.bin")]):
+        if path.name == TRAINING_ARGS_NAME:
+            continue  # pickled arguments, not read when resuming
+        try:
+            with safe_globals():
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # noqa: BLE001 - torch.load raises zip, pickle and runtime errors alike
+            return f"{path.name} is unreadable, truncated or corrupt ({_describe(error)})"
+    return None
 
+
+def _weights_problem(folder: Path) -> str | None:
     weights = [SAFE_WEIGHTS_NAME]
     if not (folder / SAFE_WEIGHTS_NAME).is_file() and (folder / SAFE_WEIGHTS_INDEX_NAME).is_file():
         try:
@@ -62,18 +86,25 @@ def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
                 pass
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error types and OSError alike
             return f"{name} is unreadable, truncated or corrupt ({_describe(error)})"
+    return None
 
-    for name in (OPTIMIZER_NAME, SCHEDULER_NAME):
-        if not (folder / name).is_file():
-            return f"{name} is missing: resuming would restart the optimizer or the learning-rate schedule"
-    if not any(folder.glob("rng_state*.pth")):
-        return "no RNG state (rng_state.pth) is present"
-    for path in sorted([*folder.glob("*.pt"), *folder.glob("*.pth")]):
-        try:
-            with safe_globals():
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:  # noqa: BLE001 - torch.load raises zip, pickle and runtime errors alike
-            return f"{path.name} is unreadable, truncated or corrupt ({_describe(error)})"
+
+def _fsdp_states(folder: Path) -> dict[str, str] | None:
+    """The names of accelerate's FSDP model and optimizer states in `folder` (as the Trainer saves them under FSDP,
+    sharded or whole), or None for a checkpoint saved without FSDP."""
+    if (folder / f"{FSDP_MODEL_NAME}_0").is_dir():
+        return {"model": f"{FSDP_MODEL_NAME}_0", "optimizer": f"{FSDP_OPTIMIZER_NAME}_0"}
+    if (folder / f"{FSDP_MODEL_NAME}.bin").is_file():
+        return {"model": f"{FSDP_MODEL_NAME}.bin", "optimizer": f"{FSDP_OPTIMIZER_NAME}.bin"}
+    return None
+
+
+def _fsdp_problem(folder: Path, states: dict[str, str]) -> str | None:
+    for name in states.values():
+        if (folder / name).is_dir() and not (folder / name / ".metadata").is_file():
+            return (
+                f"{name}/.metadata is missing (a distributed checkpoint writes it last: the checkpoint was cut short)"
+            )
     return None
 
 

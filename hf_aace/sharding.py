@@ -89,6 +89,26 @@ def reduce_gradients_in_step(trainer: Trainer, model: nn.Module) -> None:
         module.set_requires_gradient_sync(True)
 
 
+@contextmanager
+def whole_model_saved(trainer: Trainer) -> Iterator[None]:
+    """FSDP with sharded checkpoints (accelerate's default for FSDP2): the state dict type is full inside the block,
+    so that a final `save_model` writes the whole model, which `from_pretrained` and the Hub load, where the Trainer
+    would write no weights at all; checkpoints stay sharded."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if not trainer.is_fsdp_enabled or plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        yield
+        return
+    names = ("state_dict_type", "state_dict_config", "optim_state_dict_config")
+    saved = {name: getattr(plugin, name) for name in names}
+    plugin.state_dict_config = plugin.optim_state_dict_config = None
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(plugin, name, value)
+
+
 def unsharded_class(model: nn.Module) -> type:
     """The model's own class: FSDP2 changes a sharded module's class to a subclass `FSDP<Name>` defined in torch."""
     fsdp_module = _fsdp_module_class()

@@ -24,7 +24,14 @@ from transformers.utils import logging
 
 from .divergence import DivergenceCallback
 from .perturbation import WeightPerturbation, frozen_batchnorm_statistics
-from .sharding import check_sharding, is_fsdp2, own_class, perturbation_scope, reduce_gradients_in_step
+from .sharding import (
+    check_sharding,
+    is_fsdp2,
+    own_class,
+    perturbation_scope,
+    reduce_gradients_in_step,
+    whole_model_saved,
+)
 from .step import StepStatistics, autograd_gradients, backward_gradients, two_pass_step
 from .tasks import (
     AACETaskError,
@@ -288,6 +295,11 @@ class SharpnessAwareMixin:
         values["count"] = torch.ones_like(values["perturbation_loss"])
         for name, value in values.items():
             self._metric_sums[name] = self._metric_sums[name] + value if name in self._metric_sums else value
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Under FSDP with sharded checkpoints the final model is still saved whole (the Trainer would save no weights).
+        with nullcontext() if _internal_call else whole_model_saved(self):
+            super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # FSDP2 renames the model's class: save its own remote code and auto_map.

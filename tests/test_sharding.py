@@ -2,6 +2,7 @@
 models of any floating dtype."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from hf_aace import (
     SharpnessAwareArguments,
     sharpness_aware,
 )
+from hf_aace.checkpoints import checkpoint_problem, find_resumable_checkpoint
 from hf_aace.perturbation import global_norm
 from hf_aace.sharding import GLOBAL_BATCH, PER_PROCESS
 
@@ -80,6 +82,44 @@ def test_fsdp2_checkpoint_resumes_to_the_weights_of_an_uninterrupted_run(two_pro
     assert record["history"][-2]["step"] == 3
 
 
+@pytest.mark.parametrize(
+    ("damage", "name", "problem"),
+    [
+        (None, None, None),
+        ("delete", "pytorch_model_fsdp_0/.metadata", "pytorch_model_fsdp_0/.metadata is missing"),
+        ("delete", "optimizer_0/.metadata", "optimizer_0/.metadata is missing"),
+        ("delete", "scheduler.pt", "scheduler.pt is missing"),
+        ("truncate", "rng_state_1.pth", "rng_state_1.pth is unreadable"),
+    ],
+)
+def test_sharded_fsdp2_checkpoints_are_resumable_unless_cut_short(two_process_runs, tmp_path, damage, name, problem):
+    # The sharded checkpoints hold no model.safetensors or optimizer.pt: a rerun of scripts/train.py resumes from them.
+    copy = tmp_path / "run"
+    shutil.copytree(two_process_runs / "save", copy)
+    if damage is not None:
+        broken = copy / "checkpoint-2" / name
+        broken.unlink() if damage == "delete" else broken.write_bytes(broken.read_bytes()[:10])
+    checkpoint, skipped = find_resumable_checkpoint(copy)
+    assert checkpoint == str(copy / ("checkpoint-2" if problem is None else "checkpoint-1"))
+    assert [path for path, _ in skipped] == ([] if problem is None else [str(copy / "checkpoint-2")])
+    if problem is not None:
+        assert skipped[0][1].startswith(problem)
+
+
+def test_whole_fsdp_checkpoints_are_resumable_unless_cut_short(tmp_path):
+    # What the Trainer writes under FSDP with full state dicts, besides model.safetensors.
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text("{}")
+    for name in ("pytorch_model_fsdp.bin", "optimizer.bin", "scheduler.pt", "rng_state_0.pth"):
+        torch.save({"weight": torch.ones(3)}, checkpoint / name)
+    assert checkpoint_problem(checkpoint) is None
+    (checkpoint / "optimizer.bin").write_bytes(b"cut")
+    assert checkpoint_problem(checkpoint).startswith("optimizer.bin is unreadable")
+    (checkpoint / "optimizer.bin").unlink()
+    assert checkpoint_problem(checkpoint).startswith("optimizer.bin is missing")
+
+
 def test_fsdp2_saves_the_models_own_remote_code_weights_and_card(two_process_runs):
     # FSDP2 renames the model's class to FSDPWideResNetForImageClassification, defined in torch: save_pretrained would
     # copy torch's FSDP files as the remote code and point auto_map at them.
@@ -95,6 +135,7 @@ def test_fsdp2_saves_the_models_own_remote_code_weights_and_card(two_process_run
     assert type(model).__name__ == "WideResNetForImageClassification"
     trained = load_file(folder / "weights.safetensors")
     assert_weights_close(dict(model.state_dict()), trained, atol=0)
+    assert (folder / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # the checkpoints stay sharded
     card = (folder / "README.md").read_text()
     assert "FSDP" not in card and "perturbed with the global batch" in card
     assert "AutoModelForImageClassification" in card
