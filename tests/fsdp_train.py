@@ -177,6 +177,7 @@ def main(output_dir: Path, runs: list[str]) -> None:
                 "history": trainer.state.log_history,
                 "resolved": trainer.resolved_sharpness_aware(),
                 "parameter_types": sorted({type(p).__name__ for p in trainer.model.parameters()}),
+                "sharded_units": sorted({type(m).__name__ for m in trainer.model.modules() if hasattr(m, "unshard")}),
                 "world_size": trainer.args.world_size,
             }
             (folder / "record.json").write_text(json.dumps(record))

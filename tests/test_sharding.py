@@ -136,6 +136,8 @@ def test_fsdp2_saves_the_models_own_remote_code_weights_and_card(two_process_run
     trained = load_file(folder / "weights.safetensors")
     assert_weights_close(dict(model.state_dict()), trained, atol=0)
     assert (folder / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # the checkpoints stay sharded
+    # Each residual unit is an FSDP unit of its own (the models' _no_split_modules), not only the whole model.
+    assert "FSDPWideResNetLayer" in json.loads((folder / "record.json").read_text())["sharded_units"]
     card = (folder / "README.md").read_text()
     assert "FSDP" not in card and "perturbed with the global batch" in card
     assert "AutoModelForImageClassification" in card

@@ -95,6 +95,8 @@ class WideResNetPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     # The loss is a batch mean that ignores num_items_in_batch, so the Trainer must scale it for accumulation.
     accepts_loss_kwargs = False
+    # One residual unit is the smallest piece to place or shard whole (FSDP wraps each in its own unit).
+    _no_split_modules = ["WideResNetLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
         # The paper's scheme: He-normal (fan-in) convolutions, unit BatchNorm, an all-zero classifier.
