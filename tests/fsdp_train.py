@@ -22,15 +22,16 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
-from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
+from transformers import Trainer, ViTConfig, ViTForImageClassification
 
 from hf_aace import (
     AACETrainer,
-    SharpnessAwareArguments,
     WideResNetConfig,
     WideResNetForImageClassification,
     sharpness_aware,
 )
+
+from test_trainer import make_args
 
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -67,27 +68,6 @@ class Images(torch.utils.data.Dataset):
         return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
 
 
-def training_arguments(output_dir: str, per_device_batch: int, accumulation: int, **overrides) -> TrainingArguments:
-    values = dict(
-        output_dir=output_dir,
-        use_cpu=True,
-        per_device_train_batch_size=per_device_batch,
-        gradient_accumulation_steps=accumulation,
-        learning_rate=0.1,
-        lr_scheduler_type="constant",
-        optim="sgd",
-        max_grad_norm=0.0,
-        max_steps=STEPS,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        train_sampling_strategy="sequential",
-        seed=0,
-    )
-    return TrainingArguments(**{**values, **overrides})
-
-
 class CPUSharding:
     """Put before a Trainer class in the bases: the FSDP settings of its arguments shard, on CPU processes too."""
 
@@ -121,11 +101,11 @@ def train(
         # ViTEmbeddings is among ViT's `_no_split_modules`; accelerate 1.16 would then shard its patch embedding twice.
         config = {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["ViTLayer"]}
         options = dict(fsdp=True, fsdp_config={**config, "state_dict_type": "SHARDED_STATE_DICT"})
-    settings = SharpnessAwareArguments(sam_method=method)
 
     def trainer(**overrides):
-        args = training_arguments(str(output_dir), per_device, accumulation, **options, **overrides)
-        return trainer_class(model=tiny_vit(), args=args, train_dataset=Images(), sharpness_aware_args=settings)
+        settings = dict(gradient_accumulation_steps=accumulation, max_steps=STEPS, sam_method=method, **options)
+        args = make_args(output_dir, per_device_train_batch_size=per_device, **{**settings, **overrides})
+        return trainer_class(model=tiny_vit(), args=args, train_dataset=Images())
 
     if resume:
         # Killed after step 1's checkpoint: a new trainer resumes from it.
@@ -145,7 +125,9 @@ def train_and_save_own_model(output_dir: Path) -> AACETrainer:
     # Sharded checkpoints (accelerate's default for FSDP2); the final model is saved whole all the same.
     fsdp_config = {"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT"}
     checkpoints = dict(save_strategy="steps", save_steps=1)
-    args = training_arguments(str(output_dir), 4, 1, max_steps=2, fsdp=True, fsdp_config=fsdp_config, **checkpoints)
+    args = make_args(
+        output_dir, per_device_train_batch_size=4, max_steps=2, fsdp=True, fsdp_config=fsdp_config, **checkpoints
+    )
     trainer = CPUShardedAACETrainer(model=model, args=args, train_dataset=Images())
     trainer.train()
     trainer.save_model(str(output_dir / "saved"))
