@@ -32,7 +32,7 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     Taken in float32 for tensors of lower precision, in their own dtype above (float64). For sharded DTensors the
     norm is over the whole tensors, reduced across their mesh, and returned as a plain tensor.
     """
-    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32  # not promote_types: an aten op
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, dtype=dtype)))
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
@@ -87,10 +87,19 @@ class WeightPerturbation:
 
     def __init__(self) -> None:
         self._saved: list[torch.Tensor] | None = None
+        self.kept: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @torch.no_grad()
-    def apply_(self, params: list[torch.Tensor], perturbation: list[torch.Tensor]) -> None:
-        """Saves the parameters, then adds the perturbation to them in place."""
+    def apply_(self, params: list[torch.Tensor], perturbation: list[torch.Tensor], keep: bool = False) -> None:
+        """Saves the parameters, then adds the perturbation to them in place.
+
+        Args:
+            params: the parameters to perturb.
+            perturbation: e, one tensor per parameter.
+            keep: hold `(params, perturbation)` in `kept` (the tensors themselves) for later steps to apply again.
+        """
+        if keep:
+            self.kept = (list(params), list(perturbation))
         params, perturbation = local_shards(params), local_shards(perturbation)
         if self._saved is None or len(self._saved) != len(params):
             self._saved = [torch.empty_like(p) for p in params]

@@ -13,6 +13,7 @@ Everything else (evaluation, generation, checkpoints, callbacks, `push_to_hub`) 
 """
 
 import math
+import os
 from contextlib import nullcontext
 from typing import Any
 
@@ -23,7 +24,7 @@ from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
 from .divergence import DivergenceCallback
-from .perturbation import WeightPerturbation, frozen_batchnorm_statistics
+from .perturbation import WeightPerturbation, frozen_batchnorm_statistics, local_shards
 from .sharding import (
     check_sharding,
     is_fsdp2,
@@ -59,6 +60,8 @@ from .training_args import SHARPNESS_AWARE_FIELDS, SharpnessAwareArguments
 
 logger = logging.get_logger(__name__)
 
+# The perturbation kept for reuse, per process, in each checkpoint (`perturbation_reuse`).
+KEPT_PERTURBATION_NAME = "kept_perturbation_{}.pt"
 METRIC_NAMES = ("perturbation_loss", "perturbation_grad_norm", "perturbation_norm", "clean_loss", "clean_accuracy")
 
 
@@ -138,7 +141,11 @@ class SharpnessAwareMixin:
         method = settings.method
         # The interval counts optimizer steps (every micro-batch of one step alike, and a resumed run continues the
         # same schedule: global_step is saved in checkpoints).
-        if not method.perturbs or self.state.global_step % settings.perturbation_interval != 0:
+        if not method.perturbs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if self.state.global_step % settings.perturbation_interval != 0:
+            if settings.perturbation_reuse and self._perturbation.kept is not None:
+                return self._reused_perturbation_step(model, inputs, num_items_in_batch)
             return super().training_step(model, inputs, num_items_in_batch)
         first_inputs = first_rows(inputs, settings.perturbation_batch_fraction)
         # Pass 1 at w on the module DDP wraps: DDP neither prepares nor runs a gradient all-reduce (each process
@@ -174,9 +181,42 @@ class SharpnessAwareMixin:
             gradient=autograd_gradients if getattr(self.args, "ddp_static_graph", False) else backward_gradients,
             scaler=self.accelerator.scaler,
             first_pass_context=nullcontext if sharded else lambda: self.accelerator.no_sync(model),
+            keep_perturbation=settings.perturbation_reuse,
         )
         self._accumulate_metrics(statistics, reports)
         return loss
+
+    def _reused_perturbation_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The plain step at w + e, with e the last two-pass step's perturbation; w restored after it.
+
+        One forward and backward, as the plain step; BatchNorm statistics update in it, since no pass runs at w.
+        """
+        params, perturbation = self._perturbation.kept
+        self._perturbation.apply_(params, perturbation)
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._perturbation.restore_(params)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # A kept perturbation is state of the run: a resumed run reuses the same one until its next two-pass step.
+        super()._save_rng_state(output_dir)
+        if self._perturbation.kept is not None:
+            names = {id(p): name for name, p in self.model.named_parameters()}
+            params, perturbation = self._perturbation.kept
+            kept = {names[id(p)]: e for p, e in zip(params, local_shards(perturbation))}
+            torch.save(kept, os.path.join(output_dir, KEPT_PERTURBATION_NAME.format(self.args.process_index)))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        path = os.path.join(checkpoint or "", KEPT_PERTURBATION_NAME.format(self.args.process_index))
+        if checkpoint is None or not self.sharpness_aware_args.perturbation_reuse or not os.path.isfile(path):
+            return
+        kept = torch.load(path, map_location=self.args.device, weights_only=True)
+        params = dict(self.model.named_parameters())
+        self._perturbation.kept = ([params[name] for name in kept], list(kept.values()))
 
     def _first_pass(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None

@@ -74,6 +74,7 @@ def two_pass_step(
     gradient: Callable[[torch.Tensor, Sequence[torch.Tensor]], list[torch.Tensor | None]] = backward_gradients,
     scaler: torch.amp.GradScaler | None = None,
     first_pass_context: Callable[[], AbstractContextManager] = nullcontext,
+    keep_perturbation: bool = False,
 ) -> tuple[T, StepStatistics]:
     """One sharpness-aware step of `method` on `params`; returns what `second_pass` returned and the statistics.
 
@@ -89,6 +90,7 @@ def two_pass_step(
         scaler: fp16 loss scaling: the objective is scaled, its gradient unscaled, and an overflow makes the
             perturbation zero (decided on the device, no host sync).
         first_pass_context: entered around the first pass and its gradient (e.g. DDP's `no_sync`).
+        keep_perturbation: keep e (and the parameters it perturbs) in `perturbation.kept` for later steps.
     """
     with first_pass_context():
         objective = first_pass()
@@ -107,9 +109,9 @@ def two_pass_step(
         skipped = unscale_gradients_(grads, scaler)
         grads = zeroed_if(grads, skipped)
     grad_norm, perturbation_norm = perturbation_from_gradients_(grads, params, method, rho, normalize)
-    # e is freed once applied: the restore copies from the saved weights, so the second pass holds one extra copy of
-    # the trainable weights.
-    perturbation.apply_(params, grads)
+    # e is freed once applied (unless kept): the restore copies from the saved weights, so the second pass holds one
+    # extra copy of the trainable weights.
+    perturbation.apply_(params, grads, keep=keep_perturbation)
     del grads
     try:
         result = second_pass()

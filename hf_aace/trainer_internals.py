@@ -7,7 +7,8 @@ Trainer. Checked against transformers 5.10.1 and 5.25.0, the ends of the range s
 Private names used (the test reads `PRIVATE_TRAINER_ATTRIBUTES`):
 - `Trainer._prepare_inputs(inputs)`: moves a batch to the device (both passes, and uint8 image batches);
 - `Trainer._prepare_context_parallel_inputs(model, inputs)` (where it exists): the context-parallel wrapper of a step;
-- `Trainer._save_rng_state(dir)` / `_load_rng_state(dir)`: overridden to save the augmentation's random stream;
+- `Trainer._save_rng_state(dir)` / `_load_rng_state(dir)`: overridden to save the augmentation's random stream and the
+  perturbation kept for reuse;
 - `Trainer._created_lr_scheduler`: set when hf_aace builds the scheduler, as `create_scheduler` does.
 """
 

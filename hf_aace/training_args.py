@@ -83,6 +83,14 @@ class SharpnessAwareArguments:
             "them all); 1 uses the whole micro-batch."
         },
     )
+    perturbation_reuse: bool = field(
+        default=False,
+        metadata={
+            "help": "Between two-pass steps (--perturbation_interval k > 1), take each one-pass step at w + e with "
+            "the perturbation e of the last two-pass step instead of at w: sharpness-aware gradients at the cost of "
+            "a plain step and one extra copy of the weights."
+        },
+    )
     stop_on_divergence: bool = field(
         default=True,
         metadata={
@@ -115,6 +123,12 @@ class SharpnessAwareArguments:
                 f"--perturbation_batch_fraction must lie in (0, 1]; got {self.perturbation_batch_fraction}."
             )
 
+        if self.perturbation_reuse and self.perturbation_interval == 1:
+            raise ValueError(
+                "--perturbation_reuse reuses a perturbation between two-pass steps, and --perturbation_interval 1 "
+                "leaves none between them: set --perturbation_interval to 2 or more, or drop --perturbation_reuse."
+            )
+
     @property
     def method(self) -> SharpnessAwareMethod:
         """The table entry of `sam_method`, read at every use."""
@@ -142,11 +156,24 @@ class SharpnessAwareArguments:
 
 SHARPNESS_AWARE_FIELDS = tuple(SharpnessAwareArguments.__dataclass_fields__)
 
+
+def _switch(value: str) -> bool:
+    """A variant's on/off option: "1" or "0"."""
+    if value not in ("0", "1"):
+        raise ValueError(value)
+    return value == "1"
+
+
 # The short options of a method variant (`aace:k=5:f=0.5`), in the order its name lists them: option -> (field, type).
 # Scripts and benchmarks that set several steps side by side in one command (scripts/compare.py, bench/step_cost.py,
 # bench/step_ops.py) read variants through `parse_method_variant` and name them with `method_variant_name`.
-VARIANT_OPTIONS = {"k": ("perturbation_interval", int), "f": ("perturbation_batch_fraction", float)}
-VARIANT_FORM = "METHOD[:k=INTERVAL][:f=FRACTION], e.g. aace:k=5 or sam:f=0.5"
+VARIANT_OPTIONS = {
+    "k": ("perturbation_interval", int),
+    "f": ("perturbation_batch_fraction", float),
+    "r": ("perturbation_reuse", _switch),
+}
+VARIANT_FORM = "METHOD[:k=INTERVAL][:f=FRACTION][:r=1], e.g. aace:k=5, sam:f=0.5 or aace:k=5:r=1"
+_VALUE_KINDS = {int: "a whole number", float: "a number", _switch: "0 or 1"}
 
 
 def parse_method_variant(spec: str) -> tuple[str, dict[str, int | float]]:
@@ -154,8 +181,8 @@ def parse_method_variant(spec: str) -> tuple[str, dict[str, int | float]]:
     "perturbation_batch_fraction": 0.5}), a plain "sam" is ("sam", {}).
 
     Args:
-        spec: a `sam_method`, optionally followed by `:k=INTERVAL` (`perturbation_interval`) and `:f=FRACTION`
-            (`perturbation_batch_fraction`).
+        spec: a `sam_method`, optionally followed by `:k=INTERVAL` (`perturbation_interval`), `:f=FRACTION`
+            (`perturbation_batch_fraction`) and `:r=1` (`perturbation_reuse`).
 
     Returns:
         The method's name and the fields its options set.
@@ -176,18 +203,17 @@ def parse_method_variant(spec: str) -> tuple[str, dict[str, int | float]]:
         try:
             settings[field_name] = cast(value)
         except ValueError:
-            raise ValueError(
-                f"{spec!r}: {key} takes {'a whole number' if cast is int else 'a number'}; write {VARIANT_FORM}."
-            ) from None
+            raise ValueError(f"{spec!r}: {key} takes {_VALUE_KINDS[cast]}; write {VARIANT_FORM}.") from None
     if name not in METHODS:
         raise ValueError(f"{spec!r}: the method must be one of {', '.join(METHODS)}; write {VARIANT_FORM}.")
     if settings and not METHODS[name].perturbs:
-        raise ValueError(f"{spec!r}: {name} takes no first pass, so k and f do not apply; write {name} alone.")
+        raise ValueError(f"{spec!r}: {name} takes no first pass, so k, f and r do not apply; write {name} alone.")
     try:
         SharpnessAwareArguments(sam_method=name, **settings)
     except ValueError as error:
         raise ValueError(
-            f"{spec!r}: {error} (k is --perturbation_interval, f --perturbation_batch_fraction)"
+            f"{spec!r}: {error} (k is --perturbation_interval, f --perturbation_batch_fraction, r "
+            "--perturbation_reuse)"
         ) from None
     return name, settings
 
@@ -200,7 +226,7 @@ def method_variant_name(sam_method: str, settings: Mapping[str, object]) -> str:
     for key, (field_name, _) in VARIANT_OPTIONS.items():
         value = settings.get(field_name)
         if value is not None and value != SharpnessAwareArguments.__dataclass_fields__[field_name].default:
-            name += f":{key}={value}"
+            name += f":{key}={int(value) if isinstance(value, bool) else value}"
     return name
 
 

@@ -224,11 +224,13 @@ def test_bad_options_are_refused_with_the_fix(arguments, message, capsys):
     "method, message",
     [
         ("aace:k=0", "'aace:k=0': --perturbation_interval must be a whole number of optimizer steps >= 1"),
-        ("aace:k=1.5", "'aace:k=1.5': k takes a whole number; write METHOD[:k=INTERVAL][:f=FRACTION]"),
+        ("aace:k=1.5", "'aace:k=1.5': k takes a whole number; write METHOD[:k=INTERVAL][:f=FRACTION][:r=1]"),
         ("sam:f=1.5", "'sam:f=1.5': --perturbation_batch_fraction must lie in (0, 1]"),
-        ("aace:x=5", "'aace:x=5' is not a method variant; write METHOD[:k=INTERVAL][:f=FRACTION], e.g. aace:k=5"),
+        ("aace:x=5", "'aace:x=5' is not a method variant; write METHOD[:k=INTERVAL][:f=FRACTION][:r=1], e.g."),
+        ("aace:k=5:r=2", "'aace:k=5:r=2': r takes 0 or 1"),
+        ("aace:r=1", "'aace:r=1': --perturbation_reuse reuses a perturbation between two-pass steps"),
         ("aace:k=5:k=2", "'aace:k=5:k=2' gives k twice"),
-        ("sgd:k=5", "'sgd:k=5': sgd takes no first pass, so k and f do not apply"),
+        ("sgd:k=5", "'sgd:k=5': sgd takes no first pass, so k, f and r do not apply"),
         ("adamw:k=5", "unknown method adamw:k=5; --methods takes any of: sgd sam asam aace, each with optional"),
     ],
 )

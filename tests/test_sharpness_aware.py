@@ -411,9 +411,54 @@ def test_perturbation_batch_fraction_runs_pass_one_on_the_first_rows(tmp_path):
     assert entry["perturbation_loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_perturbation_reuse_takes_the_steps_between_at_the_last_perturbation(tmp_path):
+    def run(output_dir, max_steps, **options):
+        model, dataset = build("dict_module", n=16)
+        args = aace_args(output_dir, max_steps=max_steps, per_device_train_batch_size=4, perturbation_interval=2,
+                         **options)  # fmt: skip
+        trainer = AACETrainer(model=model, args=args, train_dataset=dataset)
+        rows = forward_rows(model)
+        trainer.train()
+        return model, trainer, rows
+
+    reused, trainer, rows = run(tmp_path / "reuse", 2, perturbation_reuse=True)
+    assert len(rows) == 3  # step 0 two passes, step 1 one pass, as without reuse
+    params, kept = trainer._perturbation.kept  # step 0's perturbation e
+    # By hand: step 1 is the plain SGD step with the gradient taken at w1 + e.
+    by_hand, dataset = build("dict_module", n=16)
+    first, _, _ = run(tmp_path / "first", 1)
+    by_hand.load_state_dict(first.state_dict())
+    with torch.no_grad():
+        for p, e in zip(by_hand.parameters(), kept):
+            p.add_(e)
+    batch = micro_batches(dataset, 4, 2)[1]
+    by_hand(**batch)["loss"].backward()
+    for p, w1, reused_p in zip(by_hand.parameters(), first.parameters(), reused.parameters()):
+        torch.testing.assert_close(reused_p, w1 - 0.1 * p.grad, rtol=1e-6, atol=1e-7)
+    plain, _, _ = run(tmp_path / "plain", 2)
+    assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), reused.parameters()))
+
+
+def test_perturbation_reuse_resumes_with_the_kept_perturbation(tmp_path):
+    def run(output_dir, max_steps, resume=None):
+        model, dataset = build("dict_module", n=16)
+        args = aace_args(output_dir, max_steps=max_steps, per_device_train_batch_size=2, perturbation_interval=3,
+                         perturbation_reuse=True, save_strategy="steps", save_steps=2)  # fmt: skip
+        AACETrainer(model=model, args=args, train_dataset=dataset).train(resume_from_checkpoint=resume)
+        return model
+
+    straight = run(tmp_path / "straight", 5)
+    run(tmp_path / "cut", 2)  # stops after step 2, which reuses step 0's perturbation, as step 3 will
+    assert (tmp_path / "cut" / "checkpoint-2" / "kept_perturbation_0.pt").is_file()
+    resumed = run(tmp_path / "cut", 5, resume=str(tmp_path / "cut" / "checkpoint-2"))
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
+        ("perturbation_reuse", True, "--perturbation_interval 1 leaves none between them"),
         ("perturbation_interval", 0, "whole number of optimizer steps >= 1"),
         ("perturbation_interval", 1.5, "whole number of optimizer steps >= 1"),
         ("perturbation_batch_fraction", 0.0, "must lie in \\(0, 1\\]"),

@@ -86,3 +86,22 @@ def test_training_step_reads_back_only_what_the_models_forward_does(tmp_path, na
     assert {method: step_syncs(tmp_path, name, method) for method in ("sam", "asam", "aace")} == dict.fromkeys(
         ("sam", "asam", "aace"), 2 * per_forward
     )
+
+
+@pytest.mark.parametrize("name", ["bert_single_label", "vit"])
+def test_a_reused_perturbation_costs_three_foreach_kernels_and_no_sync(tmp_path, name):
+    model, dataset = build(name)
+    args = make_args(tmp_path, perturbation_interval=2, perturbation_reuse=True)
+    trainer = AACETrainer(model=model, args=args, train_dataset=dataset)
+    trainer.current_gradient_accumulation_steps = 1  # set by train() in normal use
+    trainer.create_optimizer()
+    batches = micro_batches(dataset, 4, 2)
+    trainer.training_step(trainer.model_wrapped, dict(batches[0]))  # global step 0: two passes, e kept
+    trainer.state.global_step = 1
+    with OpCounter() as reused:
+        trainer.training_step(trainer.model_wrapped, dict(batches[1]))
+    args.perturbation_reuse = False
+    with OpCounter() as plain:
+        trainer.training_step(trainer.model_wrapped, dict(batches[1]))
+    # Save the weights, add e, restore: one foreach kernel each, whatever the number of parameter tensors.
+    assert reused.kernels - plain.kernels == 3 and reused.syncs == plain.syncs
