@@ -213,11 +213,12 @@ def test_fsdp_that_would_silently_run_as_ddp_is_refused(tmp_path, monkeypatch, h
             trainer_class(model=tiny_wrn(), args=args, train_dataset=make_dataset())
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("method", ["sam", "asam", "aace"])
-def test_float64_models_train(tmp_path, method):
-    model = tiny_vit().double()
+def test_models_of_any_floating_dtype_train(tmp_path, method, dtype):
+    model = tiny_vit().to(dtype)
     dataset = Images()
-    dataset.pixel_values = dataset.pixel_values.double()
+    dataset.pixel_values = dataset.pixel_values.to(dtype)
     args = TrainingArguments(
         str(tmp_path),
         use_cpu=True,
@@ -231,7 +232,7 @@ def test_float64_models_train(tmp_path, method):
     trainer = sharpness_aware(Trainer)(model=model, args=args, train_dataset=dataset, sharpness_aware_args=settings)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer.train()
-    assert all(p.dtype == torch.float64 and p.isfinite().all() for p in model.parameters())
+    assert all(p.dtype == dtype and p.isfinite().all() for p in model.parameters())
     assert any(not torch.equal(before[name], p) for name, p in model.named_parameters())
     assert trainer.state.log_history[0]["perturbation_norm"] > 0
 
