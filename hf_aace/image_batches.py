@@ -27,7 +27,8 @@ class ImageBatchMixin:
       them) and puts them in the model's memory format; the subclass's `training_step` calls it once per micro-batch.
     - Evaluation and prediction batches that arrive as uint8 are normalised with `augmentation.normalize`.
     - With `args.channels_last` (an [`AACETrainingArguments`] field; False for plain `TrainingArguments`), the model's
-      weights and every 4-d image batch use the channels_last memory format.
+      weights and every 4-d image batch use the channels_last memory format, except under FSDP (contiguous weights
+      only).
     - The augmentation's random stream is seeded with `args.seed + process_index`, so every process draws its own
       augmentations, and is saved with every checkpoint and reloaded on resume.
 
@@ -39,6 +40,11 @@ class ImageBatchMixin:
 
     def __init__(self, *args, augmentation: Any | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if getattr(self.args, "channels_last", False) and self.is_fsdp_enabled:
+            logger.warning(
+                "channels_last is off under FSDP: FSDP2 shards contiguous parameters only. Weights and image batches "
+                "keep PyTorch's default memory format (pass --channels_last false to silence this)."
+            )
         if self.channels_last:
             # In place: the parameters stay the same objects, so optimizers and DDP built later see the new layout.
             self.model.to(memory_format=torch.channels_last)
@@ -48,8 +54,8 @@ class ImageBatchMixin:
 
     @property
     def channels_last(self) -> bool:
-        """Whether weights and image batches use the channels_last memory format."""
-        return bool(getattr(self.args, "channels_last", False))
+        """Whether weights and image batches use the channels_last memory format (never under FSDP)."""
+        return bool(getattr(self.args, "channels_last", False)) and not self.is_fsdp_enabled
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None = None

@@ -11,9 +11,15 @@ WideResNet, saved whole into `<OUTPUT_DIR>/save/saved` with its model card). For
 weights to `<OUTPUT_DIR>/<run>/weights.safetensors` and `record.json` (logged history, resolved
 settings, parameter types).
 `train(..., processes=1)` in the test's own process is the single-process global-batch reference.
+
+    python -m accelerate.commands.launch --multi_gpu --num_processes 2 --use_fsdp --fsdp_version 2 \
+        tests/fsdp_train.py script [scripts/train.py flags]
+
+runs `scripts/train.py` with its trainer sharded, as that launch would on GPUs.
 """
 
 import json
+import runpy
 import sys
 from pathlib import Path
 
@@ -33,6 +39,7 @@ from hf_aace import (
 
 from test_trainer import make_args
 
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 STEPS = 3
 GLOBAL_BATCH = 8
 ROWS = GLOBAL_BATCH * STEPS
@@ -68,16 +75,35 @@ class Images(torch.utils.data.Dataset):
         return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
 
 
+def switch_on_fsdp(trainer: Trainer) -> None:
+    """Gives the trainer's accelerator the FSDP state a GPU-type launch with the same settings would have."""
+    state = trainer.accelerator.state
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    # From the arguments' fsdp_config, or else from `accelerate launch --use_fsdp`'s environment.
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**(trainer.args.fsdp_plugin_args or {}))
+    trainer.is_fsdp_enabled = True
+
+
 class CPUSharding:
     """Put before a Trainer class in the bases: the FSDP settings of its arguments shard, on CPU processes too."""
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
-        state = self.accelerator.state
-        state.distributed_type = DistributedType.FSDP
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
-        self.is_fsdp_enabled = True
+        switch_on_fsdp(self)
+
+
+def run_train_script(argv: list[str]) -> None:
+    """`scripts/train.py argv`, every trainer of it sharded as `accelerate launch --use_fsdp` shards on GPUs."""
+    create = Trainer.create_accelerator_and_postprocess
+
+    def create_sharded(self):
+        create(self)
+        switch_on_fsdp(self)
+
+    Trainer.create_accelerator_and_postprocess = create_sharded
+    sys.argv = [str(TRAIN_SCRIPT), *argv]
+    runpy.run_path(str(TRAIN_SCRIPT), run_name="__main__")
 
 
 class CPUShardedTrainer(CPUSharding, sharpness_aware(Trainer)):
@@ -166,4 +192,7 @@ def main(output_dir: Path, runs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    if sys.argv[1] == "script":
+        run_train_script(sys.argv[2:])
+    else:
+        main(Path(sys.argv[1]), sys.argv[2:])

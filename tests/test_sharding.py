@@ -251,3 +251,36 @@ def test_own_models_name_their_stem_as_input_embeddings():
     assert wide_resnet.get_input_embeddings() is wide_resnet.wide_resnet.embedder
     pyramidnet = PyramidNetForImageClassification(PyramidNetConfig(depth=8, alpha=6, num_labels=3))
     assert pyramidnet.get_input_embeddings() is pyramidnet.pyramidnet.embedder
+
+
+def test_train_script_under_fsdp2_publishes_a_whole_model_and_resumes(tmp_path):
+    # `accelerate launch --use_fsdp --fsdp_version 2 scripts/train.py ...`, sharded on CPU processes as on GPUs.
+    output = tmp_path / "out"
+
+    def launch(max_steps: int) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--use_fsdp", "--fsdp_version", "2",
+                   str(ROOT / "tests" / "fsdp_train.py"), "script", "--model", "wrn-10-1", "--dataset", "digits",
+                   "--per_device_train_batch_size", "32", "--use_cpu", "--disable_tqdm", "true", "--logging_steps",
+                   "1", "--max_steps", str(max_steps), "--save_strategy", "steps", "--save_steps", "2",
+                   "--eval_train_split", "false", "--output_dir", str(output), "--cache_dir",
+                   str(tmp_path / "cache")]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        return result
+
+    first = launch(2)
+    assert first.stdout.count("Test accuracy:") == 1
+    # The script's default channels_last would make the weights non-contiguous, which FSDP2 cannot shard.
+    assert "channels_last is off under FSDP" in first.stderr
+    assert (output / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()
+    assert sorted(p.name for p in output.glob("modeling_*.py")) == ["modeling_wide_resnet.py"]
+    assert not list(output.glob("_fsdp*.py"))
+    assert json.loads((output / "run_arguments.json").read_text())["training"]["perturbation_scope"] == GLOBAL_BATCH
+    model = AutoModelForImageClassification.from_pretrained(output, trust_remote_code=True)
+    assert type(model).__name__ == "WideResNetForImageClassification"
+
+    second = launch(4)  # a rerun with more steps resumes from the sharded checkpoint
+    assert f"Resuming from {output / 'checkpoint-2'}" in second.stderr
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
