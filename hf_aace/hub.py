@@ -16,7 +16,7 @@ from transformers.trainer_utils import unwrap_peft_model
 from .methods import METHODS
 from .models.architectures import OWN_MODEL_TYPES, architecture_for
 from .models.conversion_utils import reference_preset
-from .sharding import unsharded_class
+from .sharding import GLOBAL_BATCH, unsharded_class
 
 CITATION = """@inproceedings{ratchatorn2024aace,
   title     = {Adaptive Adversarial Cross-Entropy Loss for Sharpness-Aware Minimization},
@@ -131,6 +131,13 @@ def _as_list(value: str | list[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value or [])
 
 
+def _scope_text(scope: str | None) -> str:
+    if scope is None:
+        return ""
+    how = "as on one process, or sharded with FSDP2" if scope == GLOBAL_BATCH else "each process its own, under DDP"
+    return f" Each perturbation was taken from the gradient of the {scope} ({how})."
+
+
 def build_model_card(
     model: nn.Module,
     training_arguments: dict[str, Any],
@@ -145,6 +152,7 @@ def build_model_card(
     processor_class: str | None = None,
     plots: Sequence[str] = (),
     perturbation: dict[str, Any] | None = None,
+    perturbation_scope: str | None = None,
     language: str | list[str] | None = None,
     license: str | None = None,
     tags: str | list[str] | None = None,
@@ -171,6 +179,8 @@ def build_model_card(
             processor line without one.
         plots: paths of training-curve images, relative to the card, shown in the card.
         perturbation: the resolved perturbation settings (rho, normalisation, ...), shown with the method.
+        perturbation_scope: the batch each perturbation came from (`hf_aace.sharding`: "global batch" or
+            "per-process batch"), said in a sentence; None for plain training.
         language, license, tags, finetuned_from, tasks, dataset_tags, dataset, dataset_args: the Trainer's own card
             options, as for `Trainer.create_model_card`.
 
@@ -248,7 +258,7 @@ def build_model_card(
 
 {what}{origin}, trained{trained_on} with {method_name}{f" ({settings})" if settings else ""} using hf_aace, an
 implementation of *Adaptive Adversarial Cross-Entropy Loss for Sharpness-Aware Minimization* (Ratchatorn & Tanaka,
-ICIP 2024) for the Hugging Face `Trainer`.
+ICIP 2024) for the Hugging Face `Trainer`.{_scope_text(perturbation_scope)}
 
 ## Results
 

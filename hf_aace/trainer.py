@@ -117,7 +117,7 @@ class AACETrainer(ImageBatchMixin, sharpness_aware(Trainer)):
         perturbation = {}
         if settings.method.perturbs:
             rho, normalized = self.perturbation_settings()
-            perturbation = {"rho": rho, "normalized": normalized, "perturbed with the": perturbation_scope(self)}
+            perturbation = {"rho": rho, "normalized": normalized}
             if settings.method.needs_class_labels:
                 perturbation.update(threshold=settings.aace_threshold, mode=settings.aace_mode)
         card = build_model_card(
@@ -133,6 +133,7 @@ class AACETrainer(ImageBatchMixin, sharpness_aware(Trainer)):
             processor_class=saved_processor_class(output_dir),
             plots=plots,
             perturbation=perturbation,
+            perturbation_scope=perturbation_scope(self) if settings.method.perturbs else None,
             **kwargs,
         )
         card.save(os.path.join(output_dir, "README.md"))

@@ -638,9 +638,9 @@ def test_the_perturbation_is_freed_before_the_second_pass(tmp_path):
     applied, alive_in_second_pass = [], []
     original_apply = perturbation_module.WeightPerturbation.apply_
 
-    def apply_(self, params, perturbation):
+    def apply_(self, params, perturbation, keep=False):
         applied.extend(weakref.ref(e) for e in perturbation)
-        return original_apply(self, params, perturbation)
+        return original_apply(self, params, perturbation, keep)
 
     def second_pass_hook(module, args):
         if applied:
