@@ -30,6 +30,7 @@ class DatasetArguments:
         label_column: the label column of a non-preset dataset.
         coarse_labels: use CIFAR-100's 20 superclasses as labels.
         cache_dir: directory of the decoded-dataset cache (default `$HF_HOME/hf_aace`).
+        decode_workers: processes decoding the images on a first load (default: the usable cores, at most 8).
     """
 
     dataset: str = field(default="digits", metadata={"help": _dataset_help()})
@@ -40,6 +41,13 @@ class DatasetArguments:
     label_column: str | None = field(default=None, metadata={"help": "Label column of a non-preset dataset."})
     coarse_labels: bool = field(default=False, metadata={"help": "CIFAR-100: train on the 20 superclasses."})
     cache_dir: str | None = field(default=None, metadata={"help": "Cache of decoded datasets."})
+    decode_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes decoding the images on a first load, straight into the cache file (1: in this "
+            "process, in memory). Default: the usable cores, at most 8."
+        },
+    )
 
     def load(
         self,
@@ -72,4 +80,5 @@ class DatasetArguments:
             num_channels=num_channels,
             cache_dir=self.cache_dir,
             show_progress=show_progress,
+            decode_workers=self.decode_workers,
         )

@@ -22,7 +22,7 @@ from transformers.utils import logging
 
 from ..image_processing_aace import AACEImageProcessor
 from .cache import DecodedCache
-from .decoding import Preparation, decode_splits
+from .decoding import Preparation, decode_to_cache, default_decode_workers
 from .presets import DIGITS_ID, PRESETS, AugmentationSettings, DatasetPreset, get_preset
 from .splits import load_splits, select_columns
 
@@ -135,6 +135,7 @@ def load_image_classification_dataset(
     num_channels: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
+    decode_workers: int | None = None,
 ) -> ImageClassificationData:
     """Loads an image-classification dataset as cached uint8 tensors.
 
@@ -173,6 +174,11 @@ def load_image_classification_dataset(
     settings; a later call with the same key reads it instead of decoding. The first decode shows a progress bar per
     split, which `show_progress=False` or `transformers.utils.logging.disable_progress_bar()` turn off.
 
+    The first decode runs in `decode_workers` processes (datasets under 256 MiB of decoded pixels per worker decode in
+    this process): each decodes a contiguous range of rows straight into the cache file, so memory stays flat whatever
+    the dataset's size and the cache may be larger than RAM. The cached tensors are memory-mapped from the file, not
+    read into memory. The result is the same, bit for bit, with any number of workers.
+
     Args:
         name: a preset name or alias, a Hub dataset id ("owner/name") or a local directory.
         source: for a preset, where to load its files from instead of its Hub id: a local directory in the Hub layout
@@ -188,6 +194,8 @@ def load_image_classification_dataset(
         num_channels: 1 or 3, to override the detected (or preset) number of channels.
         cache_dir: directory of the decoded-tensor cache.
         show_progress: show progress bars while decoding (pass False on all but the main process).
+        decode_workers: the most processes decoding the images on a first load; 1 decodes in this process, in
+            memory. Default: the cores this process may use, at most 8.
 
     Returns:
         The loaded [`ImageClassificationData`].
@@ -201,6 +209,13 @@ def load_image_classification_dataset(
     ```
     """
     preset = _checked_preset(name, source, revision, (image_column, label_column), coarse_labels)
+    if decode_workers is None:
+        decode_workers = default_decode_workers()
+    elif isinstance(decode_workers, bool) or not isinstance(decode_workers, int) or decode_workers < 1:
+        raise ValueError(
+            "decode_workers must be a positive number of processes (1: decode in this process), got "
+            f"{decode_workers!r}."
+        )
     dataset_id = preset.hub_id if preset else name
     location = source or dataset_id
     preparation = _preparation(preset, image_size, pad_to_square, num_channels)
@@ -223,7 +238,9 @@ def load_image_classification_dataset(
         num_channels=preparation.num_channels,
         statistics=[preparation.mean, preparation.std] if preset else None,
     )
-    decode = functools.partial(decode_splits, train, test, test_split, columns, preparation, show_progress)
+    decode = functools.partial(
+        decode_to_cache, train, test, test_split, columns, preparation, cache, decode_workers, show_progress
+    )
     tensors, label_names = _read_or_decode(cache, dataset_id, decode)
 
     images = tensors["train_images"]
@@ -315,7 +332,7 @@ def _as_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
 def _read_or_decode(
     cache: DecodedCache, dataset_id: str, decode: Callable[[], tuple[dict[str, torch.Tensor], list[str]]]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The cached tensors and class names, or those of `decode()`, then written to the cache."""
+    """The cached tensors and class names, or those of `decode()`, which writes them to the cache."""
     cached = cache.read()
     if cached is not None:
         logger.info(f"Read the decoded {dataset_id} from {cache.path}")
@@ -323,6 +340,5 @@ def _read_or_decode(
     logger.info(f"Decoding {dataset_id}; it will be cached in {cache.path}")
     start = time.perf_counter()
     tensors, label_names = decode()
-    cache.write(tensors, label_names)
     logger.info(f"Decoded {dataset_id} in {time.perf_counter() - start:.1f} s and cached it in {cache.path}")
     return tensors, label_names
