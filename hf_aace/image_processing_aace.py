@@ -22,10 +22,14 @@ class AACEImageProcessorKwargs(ImagesKwargs, total=False):
 
     num_channels (`int`): 1 (grayscale) or 3 (RGB); images are converted to this mode first.
     do_pad_to_square (`bool`): pad to a centred square with zeros before resizing.
+    center_crop_fraction (`float`): resize so that the shorter side is `round(size / fraction)`, then take the centre
+        `size` x `size` (the evaluation of models trained on encoded images with RandomResizedCrop; 0.875 gives 224
+        of 256); None resizes the whole image to `size`.
     """
 
     num_channels: int
     do_pad_to_square: bool
+    center_crop_fraction: float | None
 
 
 def prepare_image(
@@ -63,6 +67,25 @@ def prepare_image(
     return image
 
 
+def center_crop_box(width: int, height: int, size: int, fraction: float) -> tuple[float, float, float, float]:
+    """The box of an image that becomes its centre crop: resizing the image so that its shorter side is
+    `round(size / fraction)` and taking the centre `size` x `size` equals resizing this (square, sub-pixel) box to
+    `size` x `size`.
+
+    Returns:
+        `(left, top, box_width, box_height)` in the image's pixels.
+    """
+    side = size * min(width, height) / round(size / fraction)
+    return (width - side) / 2, (height - side) / 2, side, side
+
+
+def center_crop(image: PIL.Image.Image, size: int, fraction: float) -> PIL.Image.Image:
+    """The `size` x `size` centre crop of `image` resized so that its shorter side is `round(size / fraction)`, in one
+    bilinear resize of the matching box."""
+    left, top, width, height = center_crop_box(image.width, image.height, size, fraction)
+    return image.resize((size, size), PIL.Image.Resampling.BILINEAR, box=(left, top, left + width, top + height))
+
+
 class AACEImageProcessor(PilBackend):
     """Image processor of the hf_aace WideResNet and PyramidNet models.
 
@@ -81,6 +104,7 @@ class AACEImageProcessor(PilBackend):
     model_input_names = ["pixel_values"]
     num_channels = 3
     do_pad_to_square = False
+    center_crop_fraction = None
     do_resize = True
     size = {"height": 32, "width": 32}
     resample = PIL.Image.Resampling.BILINEAR
@@ -89,7 +113,16 @@ class AACEImageProcessor(PilBackend):
     image_mean = [0.5, 0.5, 0.5]
     image_std = [0.5, 0.5, 0.5]
 
-    def process_image(self, image, num_channels=None, do_pad_to_square=None, do_resize=None, size=None, **kwargs):
+    def process_image(
+        self,
+        image,
+        num_channels=None,
+        do_pad_to_square=None,
+        do_resize=None,
+        size=None,
+        center_crop_fraction=None,
+        **kwargs,
+    ):
         """Converts one input image to a channels-first uint8 array, prepared as the training data was."""
         if isinstance(image, np.ndarray) or hasattr(image, "numpy"):
             array = np.asarray(image)
@@ -99,7 +132,12 @@ class AACEImageProcessor(PilBackend):
         if not isinstance(image, PIL.Image.Image):
             raise ValueError(f"Expected a PIL image, numpy array or torch tensor, got {type(image).__name__}.")
         target = (size.height, size.width) if do_resize and size is not None else None
-        image = prepare_image(image, num_channels, target, bool(do_pad_to_square))
+        if center_crop_fraction is not None and target is not None:
+            if target[0] != target[1]:
+                raise ValueError(f"center_crop_fraction needs a square size, got {target[0]}x{target[1]}.")
+            image = center_crop(prepare_image(image, num_channels), target[0], center_crop_fraction)
+        else:
+            image = prepare_image(image, num_channels, target, bool(do_pad_to_square))
         array = np.asarray(image)
         return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
 

@@ -28,7 +28,6 @@ from hf_aace.checkpoints import (
 )
 from hf_aace.data import (
     DatasetArguments,
-    ImageClassificationSplit,
     augmentation_for,
     symmetric_label_noise,
 )
@@ -271,6 +270,7 @@ def main(argv: list[str]) -> int:
             show_progress=training_args.local_process_index == 0 and not training_args.disable_tqdm,
             image_size=data_args.image_size,
             pad_to_square=data_args.pad_to_square,
+            seed=training_args.seed,
         )
     logger.info(
         f"{data.name}: {len(data.train)} train / {len(data.test)} {data.test_split} images, {data.num_labels} classes"
@@ -280,13 +280,14 @@ def main(argv: list[str]) -> int:
         data.train.labels, data.num_labels, data_args.label_noise, noise_seed
     )
     # A new split rather than edited labels: the loaded dataset keeps the clean ones.
-    data = replace(data, train=ImageClassificationSplit(data.train.images, noisy_labels))
+    data = replace(data, train=data.train.with_labels(noisy_labels))
     label_noise = {"rate": len(corrupted) / len(data.train), "corrupted": len(corrupted), "seed": noise_seed}
     if len(corrupted):
         logger.info(f"Label noise: {len(corrupted)} of {len(data.train)} training labels replaced (seed {noise_seed})")
 
     model = build_model(model_args, data)
-    # Batches arrive as uint8; the augmentation also normalises them (with every switch off under --augment false).
+    # Batches arrive as uint8; the augmentation also normalises them (with every switch off under --augment false, and
+    # by default under --random_resized_crop, whose crops and flips happen in the DataLoader workers).
     overrides = {"crop_padding": 0, "flip": False, "cutout_size": 0} if not data_args.augment else {}
     for name in ("crop_padding", "flip", "cutout_size"):
         if data_args.augment and getattr(data_args, name) is not None:
@@ -333,7 +334,9 @@ def main(argv: list[str]) -> int:
     trainer.log_metrics("test", test_metrics)
     trainer.save_metrics("test", test_metrics)
     if data_args.eval_train_split:
-        train_eval_metrics = finite_or_none(trainer.evaluate(data.train, metric_key_prefix="train_eval"))
+        # The training items' random crops and flips would make this an evaluation on augmented images.
+        train_split = data.train.for_evaluation()
+        train_eval_metrics = finite_or_none(trainer.evaluate(train_split, metric_key_prefix="train_eval"))
         trainer.log_metrics("train_eval", train_eval_metrics)
         trainer.save_metrics("train_eval", train_eval_metrics)
 

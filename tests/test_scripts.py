@@ -369,3 +369,27 @@ def test_paper_recipe_splits_the_global_batch_over_the_processes(
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match=f"global batch of {global_batch}, which 3 processes cannot split"):
         train.parse_arguments(flags)
+
+
+def test_train_with_random_resized_crop_on_encoded_images_of_varying_sizes(tmp_path):
+    rng = np.random.default_rng(3)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    splits = {
+        split: {"image": [encode(rng.integers(0, 256, (int(rng.integers(20, 40)), int(rng.integers(20, 40)), 3),
+                                              dtype=np.uint8), "JPEG") for _ in range(n)],
+                "label": rng.integers(0, 2, n).tolist()}
+        for split, n in (("train", 16), ("test", 6))
+    }  # fmt: skip
+    source = write_hub_dataset(tmp_path / "data", features, splits)
+    output = tmp_path / "out"
+    result = run(TRAIN, *QUICK[:2], "--dataset", str(source), *QUICK[4:], "--per_device_train_batch_size", "8",
+                 "--random_resized_crop", "16", "--dataloader_num_workers", "1", "--max_steps", "2",
+                 "--eval_strategy", "no", "--save_strategy", "no", "--output_dir", str(output),
+                 env={"HF_DATASETS_CACHE": str(tmp_path / "datasets_cache")}, cache=tmp_path / "cache")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((output / "all_results.json").read_text())
+    assert "test_accuracy" in results and "train_eval_accuracy" in results
+    assert "test split, 6 images" in result.stdout
+    assert "crop_padding=0, flip=False, cutout_size=0" in result.stderr  # the device only normalises
+    assert json.loads((output / "run_arguments.json").read_text())["data"]["random_resized_crop"] == 16
+    assert not (tmp_path / "cache").exists()

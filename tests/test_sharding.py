@@ -139,7 +139,7 @@ def test_fsdp2_saves_the_models_own_remote_code_weights_and_card(two_process_run
     # Each residual unit is an FSDP unit of its own (the models' _no_split_modules), not only the whole model.
     assert "FSDPWideResNetLayer" in json.loads((folder / "record.json").read_text())["sharded_units"]
     card = (folder / "README.md").read_text()
-    assert "FSDP" not in card and "taken from the gradient of the global batch" in card
+    assert "FSDPWideResNet" not in card and "taken from the gradient of the global batch" in card
     assert "AutoModelForImageClassification" in card
 
 

@@ -31,6 +31,8 @@ class DatasetArguments:
         coarse_labels: use CIFAR-100's 20 superclasses as labels.
         cache_dir: directory of the decoded-dataset cache (default `$HF_HOME/hf_aace`).
         decode_workers: processes decoding the images on a first load (default: the usable cores, at most 8).
+        random_resized_crop: keep the encoded images and decode them in the DataLoader workers with a
+            RandomResizedCrop of this size (see [`load_image_classification_dataset`]); None: the decoded cache.
     """
 
     dataset: str = field(default="digits", metadata={"help": _dataset_help()})
@@ -48,6 +50,15 @@ class DatasetArguments:
             "process, in memory). Default: the usable cores, at most 8."
         },
     )
+    random_resized_crop: int | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the encoded images (no decoded cache) and decode them in the DataLoader workers "
+            "(--dataloader_num_workers): training crops are RandomResizedCrop to this size (scale 0.08-1, ratio "
+            "3/4-4/3) plus flips, evaluation crops the centre after resizing the shorter side to size / 0.875. "
+            "Normalised with the preset's fixed statistics, else ImageNet's."
+        },
+    )
 
     def load(
         self,
@@ -56,6 +67,7 @@ class DatasetArguments:
         pad_to_square: bool | None = None,
         num_channels: int | None = None,
         show_progress: bool = True,
+        seed: int = 0,
     ) -> ImageClassificationData:
         """Loads the chosen dataset with [`load_image_classification_dataset`].
 
@@ -65,6 +77,7 @@ class DatasetArguments:
             pad_to_square: pad images to a centred square before resizing; None: the preset's choice.
             num_channels: 1 or 3; None: the preset's or detected number of channels.
             show_progress: show progress bars while decoding (pass False on all but the main process).
+            seed: seed of the crops and flips of `random_resized_crop`.
 
         Returns:
             The loaded [`ImageClassificationData`].
@@ -81,4 +94,6 @@ class DatasetArguments:
             cache_dir=self.cache_dir,
             show_progress=show_progress,
             decode_workers=self.decode_workers,
+            random_resized_crop=self.random_resized_crop,
+            seed=seed,
         )

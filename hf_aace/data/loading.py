@@ -17,13 +17,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import datasets
 import torch
 from transformers.utils import logging
 
 from ..image_processing_aace import AACEImageProcessor
 from .cache import DecodedCache
-from .decoding import Preparation, decode_to_cache, default_decode_workers
-from .presets import DIGITS_ID, PRESETS, AugmentationSettings, DatasetPreset, get_preset
+from .decoding import Preparation, checked_labels, decode_to_cache, default_decode_workers, detect_num_channels
+from .encoded import CENTER_CROP_FRACTION, EncodedImageSplit
+from .presets import DIGITS_ID, IMAGENET_MEAN, IMAGENET_STD, PRESETS, AugmentationSettings, DatasetPreset, get_preset
 from .splits import load_splits, select_columns
 
 logger = logging.get_logger(__name__)
@@ -60,6 +62,14 @@ class ImageClassificationSplit(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.images[index], "labels": self.labels[index]}
 
+    def with_labels(self, labels: torch.Tensor) -> ImageClassificationSplit:
+        """The same images with other labels (for example noisy ones), as a new split."""
+        return ImageClassificationSplit(self.images, labels)
+
+    def for_evaluation(self) -> ImageClassificationSplit:
+        """The split to evaluate on: itself (its items are not augmented; the device augments training batches)."""
+        return self
+
 
 @dataclass
 class ImageClassificationData:
@@ -70,22 +80,22 @@ class ImageClassificationData:
             [`load_image_classification_dataset`].
         dataset_id: the dataset's Hub id (the preset's id even when loaded from a local copy), or
             "sklearn.datasets.load_digits" for the `digits` preset.
-        train: the training split.
-        test: the evaluation split.
+        train: the training split ([`EncodedImageSplit`] with `random_resized_crop`).
+        test: the evaluation split (likewise).
         test_split: name of the split used for evaluation ("test" or "validation").
         label_names: class names, indexed by label.
         mean: per-channel mean of the training images in [0, 1] (fixed to ImageNet's for Food101).
         std: per-channel standard deviation (unbiased), same conventions.
         num_channels: 1 (grayscale) or 3 (RGB).
-        image_size: `(height, width)` of every image.
+        image_size: `(height, width)` of every image (the crop's with `random_resized_crop`).
         pad_to_square: whether images were padded to a centred square before resizing.
         augmentation: the dataset's default training augmentation (see [`augmentation_for`]).
     """
 
     name: str
     dataset_id: str
-    train: ImageClassificationSplit
-    test: ImageClassificationSplit
+    train: ImageClassificationSplit | EncodedImageSplit
+    test: ImageClassificationSplit | EncodedImageSplit
     test_split: str
     label_names: list[str]
     mean: tuple[float, ...]
@@ -94,6 +104,7 @@ class ImageClassificationData:
     image_size: tuple[int, int]
     pad_to_square: bool
     augmentation: AugmentationSettings
+    center_crop_fraction: float | None = None
 
     @property
     def num_labels(self) -> int:
@@ -119,6 +130,7 @@ class ImageClassificationData:
             image_std=list(self.std),
             num_channels=self.num_channels,
             do_pad_to_square=self.pad_to_square,
+            center_crop_fraction=self.center_crop_fraction,
         )
 
 
@@ -136,8 +148,10 @@ def load_image_classification_dataset(
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
     decode_workers: int | None = None,
+    random_resized_crop: int | None = None,
+    seed: int = 0,
 ) -> ImageClassificationData:
-    """Loads an image-classification dataset as cached uint8 tensors.
+    """Loads an image-classification dataset as cached uint8 tensors, or as encoded images cropped per item.
 
     `name` is one of the presets (`hf_aace.data.presets.PRESETS`, also by an alias such as "fashionmnist", in any
     case), a Hub dataset id, or a local directory in the Hub layout (anything `datasets.load_dataset` accepts). The
@@ -179,6 +193,16 @@ def load_image_classification_dataset(
     the dataset's size and the cache may be larger than RAM. The cached tensors are memory-mapped from the file, not
     read into memory. The result is the same, bit for bit, with any number of workers.
 
+    With `random_resized_crop=size` nothing is decoded or cached: both splits are [`EncodedImageSplit`]s that keep the
+    stored (encoded) images and decode each item where the DataLoader asks for it (in the Trainer's
+    `dataloader_num_workers` processes), training items with RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3))
+    and a random horizontal flip, evaluation items with the ImageNet-style centre crop; the training augmentation
+    ([`augmentation_for`]) then only normalises. Computing statistics would take a decode pass, so the normalisation
+    uses the preset's fixed statistics, else ImageNet's for RGB images; grayscale datasets without fixed statistics
+    are refused (load them with `num_channels=3`). `image_size` and `pad_to_square` do not apply. The saved image
+    processor (`image_processor()`) takes the same centre crop (`center_crop_fraction`), so inference on raw images
+    sees what this evaluation saw.
+
     Args:
         name: a preset name or alias, a Hub dataset id ("owner/name") or a local directory.
         source: for a preset, where to load its files from instead of its Hub id: a local directory in the Hub layout
@@ -196,6 +220,9 @@ def load_image_classification_dataset(
         show_progress: show progress bars while decoding (pass False on all but the main process).
         decode_workers: the most processes decoding the images on a first load; 1 decodes in this process, in
             memory. Default: the cores this process may use, at most 8.
+        random_resized_crop: side of the square crops of encoded images decoded per item (see above); None: the
+            decoded cache.
+        seed: seed of the crop and flip draws of `random_resized_crop` (scripts/train.py passes `--seed`).
 
     Returns:
         The loaded [`ImageClassificationData`].
@@ -216,6 +243,11 @@ def load_image_classification_dataset(
             "decode_workers must be a positive number of processes (1: decode in this process), got "
             f"{decode_workers!r}."
         )
+    if random_resized_crop is not None and (image_size is not None or pad_to_square):
+        raise ValueError(
+            "random_resized_crop crops the stored images directly, so image_size and pad_to_square do not apply: "
+            "drop them (scripts/train.py: --image_size, --pad_to_square), or drop random_resized_crop."
+        )
     dataset_id = preset.hub_id if preset else name
     location = source or dataset_id
     preparation = _preparation(preset, image_size, pad_to_square, num_channels)
@@ -224,6 +256,16 @@ def load_image_classification_dataset(
         image_column = preset.image_column
         label_column = preset.coarse_label_column if coarse_labels else preset.label_column
     columns = select_columns(train, test, test_split, location, (image_column, label_column), preset is not None)
+    if random_resized_crop is not None:
+        return _encoded_data(
+            preset.name if preset else name,
+            dataset_id,
+            (train, test, test_split),
+            columns,
+            preparation,
+            random_resized_crop,
+            seed,
+        )
     cache = DecodedCache.locate(
         cache_dir,
         dataset_id,
@@ -257,6 +299,61 @@ def load_image_classification_dataset(
         image_size=(images.shape[2], images.shape[3]),
         pad_to_square=preparation.pad_to_square,
         augmentation=preset.augmentation if preset else AugmentationSettings.scaled_to(images.shape[2:]),
+    )
+
+
+def _encoded_data(
+    name: str,
+    dataset_id: str,
+    splits: tuple[datasets.Dataset, datasets.Dataset, str],
+    columns: tuple[str, str],
+    preparation: Preparation,
+    size: int,
+    seed: int,
+) -> ImageClassificationData:
+    """Both splits as [`EncodedImageSplit`]s, normalised with fixed statistics (no pass over the pixels)."""
+    train, test, test_split = splits
+    image_column, label_column = columns
+    train_labels, test_labels, label_names = checked_labels(train, test, test_split, label_column)
+    num_channels = preparation.num_channels or detect_num_channels(train, image_column)
+    mean, std = preparation.mean, preparation.std
+    if mean is None and num_channels == 3:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        logger.info(f"{name}: random_resized_crop normalises with ImageNet's mean {mean} and std {std}.")
+    elif mean is None:
+        raise ValueError(
+            f"{name} is grayscale and has no fixed statistics; random_resized_crop normalises with fixed statistics "
+            "(computing them would decode every image) and only ImageNet's RGB ones are known. Load it with "
+            "num_channels=3 (converted to RGB), or without random_resized_crop."
+        )
+    encoded = {
+        split: EncodedImageSplit(
+            dataset,
+            image_column,
+            torch.from_numpy(labels),
+            num_channels,
+            size,
+            train=split == "train",
+            seed=seed,
+            split=split,
+        )
+        for split, dataset, labels in (("train", train, train_labels), (test_split, test, test_labels))
+    }
+    return ImageClassificationData(
+        name=name,
+        dataset_id=dataset_id,
+        train=encoded["train"],
+        test=encoded[test_split],
+        test_split=test_split,
+        label_names=label_names,
+        mean=tuple(mean),
+        std=tuple(std),
+        num_channels=num_channels,
+        image_size=(size, size),
+        pad_to_square=False,
+        # The crop and flip happen in the DataLoader; the device only normalises.
+        augmentation=AugmentationSettings(),
+        center_crop_fraction=CENTER_CROP_FRACTION,
     )
 
 

@@ -94,7 +94,7 @@ _TRAINING_SET_STATS = (
     "the widely used per-channel mean and std over all training-set pixels, the statistics that the paper's code "
     "computes from the training set at run time"
 )
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _CIFAR_AUGMENTATION = AugmentationSettings(crop_padding=4, flip=True, cutout_size=16)
 
 _CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -190,11 +190,11 @@ PRESETS: dict[str, DatasetPreset] = {
             image_size=(32, 32),
             augmentation=AugmentationSettings(flip=True, cutout_size=16),
             pad_to_square=True,
-            mean=_IMAGENET_MEAN,
-            std=_IMAGENET_STD,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
             label_names=_FOOD101_LABELS,
-            reference_mean=_IMAGENET_MEAN,
-            reference_std=_IMAGENET_STD,
+            reference_mean=IMAGENET_MEAN,
+            reference_std=IMAGENET_STD,
             normalization_source="the ImageNet mean and std, as in the paper's code",
         ),
         DatasetPreset(
