@@ -55,10 +55,10 @@ def check_sharding(trainer: Trainer) -> None:
         )
     if not trainer.is_fsdp_enabled and fsdp_requested(trainer) and _fsdp2_module(trainer.model) is None:
         raise ValueError(
-            f"FSDP was requested (--fsdp, fsdp_config or accelerate launch --use_fsdp), but accelerate "
-            f"{trainer.accelerator.distributed_type.value} does not shard here (it shards only on GPU-type "
-            "backends, not on CPUs), so the run would silently be DDP with the full weights on every process. Launch "
-            "on GPUs, or drop the FSDP settings to train with DDP."
+            f"FSDP was requested (--fsdp, fsdp_config or accelerate launch --use_fsdp), but accelerate runs this "
+            f"launch as {trainer.accelerator.distributed_type.value} and does not shard it (it shards only "
+            "multi-process launches on GPU-type backends, not on CPUs), so the run would silently hold the full "
+            "weights on every process (DDP). Launch on GPUs, or drop the FSDP settings to train with DDP."
         )
     if is_fsdp2(trainer) and trainer.accelerator.scaler is not None:
         raise ValueError(

@@ -209,7 +209,7 @@ def test_fsdp_that_would_silently_run_as_ddp_is_refused(tmp_path, monkeypatch, h
         args.fsdp_plugin_args = {"fsdp_version": 2}
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # accelerate sets it when given the plugin: undone after
     for trainer_class in (AACETrainer, sharpness_aware(Trainer)):
-        with pytest.raises(ValueError, match="would silently be DDP"):
+        with pytest.raises(ValueError, match="would silently hold the full weights on every process"):
             trainer_class(model=tiny_wrn(), args=args, train_dataset=make_dataset())
 
 

@@ -130,14 +130,9 @@ def decode_to_cache(
     the file afterwards. Either way the file replaces the cache entry only once complete.
 
     Args:
-        train: the training split.
-        test: the evaluation split.
-        test_split: the evaluation split's name, for error messages.
-        columns: the image and label columns.
-        preparation: how to decode the images.
+        train, test, test_split, columns, preparation, show_progress: as for [`decode_splits`].
         cache: the cache entry to write.
         workers: the most processes to decode with; 1 decodes in this process.
-        show_progress: show a progress bar per split (unless transformers' progress bars are disabled).
 
     Returns:
         The decoded tensors and the class names, as [`decode_splits`] returns them.
