@@ -19,9 +19,13 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from .methods import SharpnessAwareMethod
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch before 2.5 (the class was private) or without torch.distributed: nothing is sharded
+    DTensor = ()
 
 EPSILON = 1e-12
 
