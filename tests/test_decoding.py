@@ -51,7 +51,7 @@ def test_workers_decode_the_same_tensors_and_statistics_bit_for_bit(tmp_path, mo
     name, settings = (preset, {"source": source, "image_size": 5}) if preset else (source, {})
 
     single = load_image_classification_dataset(name, cache_dir=tmp_path / "one", decode_workers=1, **settings)
-    monkeypatch.setattr(decoding, "decode_splits", in_process_only)
+    monkeypatch.setattr(decoding, "_decode_in_memory", in_process_only)
     parallel = load_image_classification_dataset(name, cache_dir=tmp_path / "two", decode_workers=2, **settings)
 
     assert parallel.train.images.shape == (13, 3, 5, 5) if preset else (13, 3, 6, 9)
@@ -67,7 +67,7 @@ def test_workers_decode_the_same_tensors_and_statistics_bit_for_bit(tmp_path, mo
 
 
 def test_a_bad_image_in_a_worker_is_named_and_leaves_no_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(decoding, "decode_splits", in_process_only)
+    monkeypatch.setattr(decoding, "_decode_in_memory", in_process_only)
     cache = tmp_path / "cache"
     train = images(2, 12)
     # Two bad rows in different tasks: the first one is reported, as decoding in order would.

@@ -88,19 +88,30 @@ def decode_splits(
         class names indexed by label.
     """
     image_column, label_column = columns
-    train_labels, test_labels, label_names = checked_labels(train, test, test_split, label_column)
+    labels = checked_labels(train, test, test_split, label_column)
     num_channels = preparation.num_channels or detect_num_channels(train, image_column)
+    return _decode_in_memory(train, test, test_split, image_column, labels, num_channels, preparation, show_progress)
+
+
+def _decode_in_memory(
+    train: datasets.Dataset,
+    test: datasets.Dataset,
+    test_split: str,
+    image_column: str,
+    labels: tuple[np.ndarray, np.ndarray, list[str]],
+    num_channels: int,
+    preparation: Preparation,
+    show_progress: bool,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """[`decode_splits`] once the labels (`checked_labels`) and the number of channels are known."""
+    train_labels, test_labels, label_names = labels
     images = {
         split: decode_images(dataset, image_column, split, num_channels, preparation, show_progress)
         for split, dataset in (("train", train), (test_split, test))
     }
     train_images, test_images = images["train"], images[test_split]
     _check_same_size(train_images.shape, test_images.shape, test_split)
-    if preparation.mean is None:
-        mean, std = channel_statistics(train_images)
-    else:
-        mean = torch.tensor(preparation.mean, dtype=torch.float64)
-        std = torch.tensor(preparation.std, dtype=torch.float64)
+    mean, std = _normalization(preparation, lambda: channel_statistics(train_images))
     tensors = {
         "train_images": train_images,
         "train_labels": torch.from_numpy(train_labels),
@@ -138,20 +149,25 @@ def decode_to_cache(
         The decoded tensors and the class names, as [`decode_splits`] returns them.
     """
     image_column, label_column = columns
-    train_labels, test_labels, label_names = checked_labels(train, test, test_split, label_column)
+    labels = checked_labels(train, test, test_split, label_column)
+    train_labels, test_labels, label_names = labels
     num_channels = preparation.num_channels or detect_num_channels(train, image_column)
     splits = {"train": train, test_split: test}
-    shapes = {
-        split: (
-            len(dataset),
-            num_channels,
-            *_split_image_size(dataset, image_column, split, num_channels, preparation),
-        )
-        for split, dataset in splits.items()
-    }
-    workers = min(workers, sum(math.prod(shape) for shape in shapes.values()) // _MIN_BYTES_PER_WORKER)
+    shapes = {}
+    if workers > 1:
+        shapes = {
+            split: (
+                len(dataset),
+                num_channels,
+                *_split_image_size(dataset, image_column, split, num_channels, preparation),
+            )
+            for split, dataset in splits.items()
+        }
+        workers = min(workers, sum(math.prod(shape) for shape in shapes.values()) // _MIN_BYTES_PER_WORKER)
     if workers <= 1:
-        tensors, label_names = decode_splits(train, test, test_split, columns, preparation, show_progress)
+        tensors, label_names = _decode_in_memory(
+            train, test, test_split, image_column, labels, num_channels, preparation, show_progress
+        )
         cache.write(tensors, label_names)
         return tensors, label_names
 
@@ -188,11 +204,7 @@ def decode_to_cache(
                 for split, dataset in splits.items()
             }
         _check_same_size(shapes["train"], shapes[test_split], test_split)
-        if preparation.mean is None:
-            mean, std = statistics_from_counts(torch.from_numpy(counts["train"]))
-        else:
-            mean = torch.tensor(preparation.mean, dtype=torch.float64)
-            std = torch.tensor(preparation.std, dtype=torch.float64)
+        mean, std = _normalization(preparation, lambda: statistics_from_counts(torch.from_numpy(counts["train"])))
         for name, values in (
             ("train_labels", train_labels),
             ("test_labels", test_labels),
@@ -201,6 +213,15 @@ def decode_to_cache(
         ):
             slots[name].write_rows(0, values)
     return cache.load()
+
+
+def _normalization(
+    preparation: Preparation, statistics: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The preparation's fixed mean and std (float64), else `statistics()` of the training images."""
+    if preparation.mean is None:
+        return statistics()
+    return torch.tensor(preparation.mean, dtype=torch.float64), torch.tensor(preparation.std, dtype=torch.float64)
 
 
 def default_decode_workers() -> int:
@@ -343,10 +364,14 @@ def _prepared_pixels(
         with open_image(data, path) as image:
             return np.asarray(prepare_image(image, num_channels, preparation.size, preparation.pad_to_square))
     except _DECODE_ERRORS as error:
-        raise ValueError(
-            f"Could not decode the image in split {split!r}, row {row} (column {column!r}): {error}. Fix or drop "
-            "that row."
-        ) from error
+        raise undecodable(error, split, row, column) from error
+
+
+def undecodable(error: Exception, split: str, row: int, column: str) -> ValueError:
+    """The error for a stored image that cannot be decoded, naming where it is and what to do."""
+    return ValueError(
+        f"Could not decode the image in split {split!r}, row {row} (column {column!r}): {error}. Fix or drop that row."
+    )
 
 
 def _check_image_size(pixels: np.ndarray, row: int, split: str, first_size: tuple[int, int]) -> None:

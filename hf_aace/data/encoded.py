@@ -33,7 +33,7 @@ import PIL.Image
 import torch
 
 from ..image_processing_aace import center_crop, prepare_image
-from .decoding import _DECODE_ERRORS, open_image
+from .decoding import _DECODE_ERRORS, open_image, undecodable
 
 # The evaluation crop's side over the resized image's shorter side (224 of 256, the usual ImageNet evaluation).
 CENTER_CROP_FRACTION = 0.875
@@ -162,10 +162,7 @@ class EncodedImageSplit(torch.utils.data.Dataset):
                     # The saved image processor's centre crop, so that inference on raw images sees this evaluation.
                     image = center_crop(image, self.size, CENTER_CROP_FRACTION)
         except _DECODE_ERRORS as error:
-            raise ValueError(
-                f"Could not decode the image in split {self.split!r}, row {index} (column {self.column!r}): {error}. "
-                "Fix or drop that row."
-            ) from error
+            raise undecodable(error, self.split, index, self.column) from error
         pixels = np.asarray(image)
         pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
         if flip:
