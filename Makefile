@@ -28,7 +28,8 @@ OLDEST_VENV ?= .venv-oldest
 OLDEST ?= transformers==5.10.1 accelerate==1.3.0 datasets==4.0.0 huggingface-hub==1.27.0
 OLDEST_STAMP := $(OLDEST_VENV)/.installed
 OLDEST_TESTS := tests/test_trainer.py tests/test_tasks.py tests/test_sharpness_aware.py tests/test_trainer_internals.py \
-	tests/test_step_ops.py tests/test_divergence.py tests/test_checkpoints.py tests/test_image_batches.py
+	tests/test_step_ops.py tests/test_divergence.py tests/test_checkpoints.py tests/test_image_batches.py \
+	tests/test_capture.py
 
 $(OLDEST_STAMP): setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(OLDEST_VENV)

@@ -162,6 +162,7 @@ def training_arguments(method: str, output_dir: str, cli: argparse.Namespace, ma
         "use_cpu": cli.device == "cpu",
         "bf16": cli.bf16,
         "torch_compile": cli.compile,
+        "step_capture": getattr(cli, "step_capture", "none"),
         "seed": 42,
     }
     values.update(overrides)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Both hf_aace benchmarks on one CUDA GPU, offline, in under 8 minutes; results under ${OUT:-bench/out}.
+# The hf_aace benchmarks and the gpu-marked tests on one CUDA GPU, offline, in under 9 minutes; results under
+# ${OUT:-bench/out}: step cost eager (bf16, bf16 + channels_last) and with the step captured as a CUDA graph (fp32 and
+# bf16, channels_last, with the cheaper steps), end to end against the paper's loop, and tests/test_gpu.py.
 #
 #   bash bench/gpu.sh               # on the GPU machine, from the repository root
 #   bash bench/gpu.sh --cpu-smoke   # tiny versions of the same commands on the CPU (under a minute): checks the script
 #
-# Needs torch (CUDA), transformers, accelerate and datasets installed; downloads nothing. hf_aace is imported from the
+# Needs torch (CUDA), transformers, accelerate, datasets and pytest installed; downloads nothing. hf_aace is imported from the
 # working tree through PYTHONPATH (no install). PYTHON overrides the interpreter (default: python).
 set -uo pipefail
 
@@ -26,12 +28,16 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 if [ "$mode" = gpu ]; then
   common=(--device cuda)
   step_models=(--models wrn-16-4 wrn-28-10 --batch_size 128 --steps 20 --warmup 5 --repeats 5)
+  capture_models=(--models wrn-16-4 wrn-28-10 --batch_size 128 --steps 20 --warmup 5 --repeats 3)
   loop_sizes=(--model wrn-16-4 --batch_size 128 --num_images 20000 --steps 40 --warmup 10 --repeats 3 --num_workers 8)
+  loop_variants=(reference trainer trainer_captured trainer_bf16_captured)
   limit=150
 else
   common=(--device cpu --threads 1)
   step_models=(--models wrn-10-1 pyramidnet-8-8 --batch_size 8 --steps 1 --warmup 1 --repeats 1)
+  capture_models=()
   loop_sizes=(--model wrn-10-1 --batch_size 8 --num_images 64 --steps 1 --warmup 1 --repeats 1 --num_workers 1)
+  loop_variants=(reference trainer)
   limit=60
 fi
 
@@ -64,11 +70,25 @@ run step_cost_bf16 "$PYTHON" bench/step_cost.py "${common[@]}" "${step_models[@]
 run step_cost_bf16_channels_last "$PYTHON" bench/step_cost.py "${common[@]}" "${step_models[@]}" --bf16 \
   --channels_last --output_md "$OUT/step_cost_bf16_channels_last.md" \
   --output_json "$OUT/step_cost_bf16_channels_last.json"
+# The captured step (CUDA only): the targets' figures, with the cheaper steps beside full aace.
+if [ "$mode" = gpu ]; then
+  for precision in fp32 bf16; do
+    run "step_cost_captured_$precision" "$PYTHON" bench/step_cost.py "${common[@]}" "${capture_models[@]}" \
+      --channels_last --step_capture cuda_graph --methods sgd sam aace aace:k=5 aace:k=5:r=1 \
+      $([ "$precision" = bf16 ] && echo --bf16) --output_md "$OUT/step_cost_captured_$precision.md" \
+      --output_json "$OUT/step_cost_captured_$precision.json"
+  done
+fi
 run reference_loop "$PYTHON" bench/reference_loop.py "${common[@]}" "${loop_sizes[@]}" \
-  --variants reference trainer trainer_bf16 --output_md "$OUT/reference_loop.md"
+  --variants "${loop_variants[@]}" --output_md "$OUT/reference_loop.md"
+if [ "$mode" = gpu ]; then
+  run gpu_tests "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+  tail -n 3 "$OUT/gpu_tests.log"
+fi
 
 echo
-for table in "$OUT"/step_cost_bf16.md "$OUT"/step_cost_bf16_channels_last.md "$OUT"/reference_loop.md; do
+for table in "$OUT"/step_cost_bf16.md "$OUT"/step_cost_bf16_channels_last.md "$OUT"/step_cost_captured_fp32.md \
+  "$OUT"/step_cost_captured_bf16.md "$OUT"/reference_loop.md; do
   [ -f "$table" ] && cat "$table" && echo
 done
 echo "machine: $OUT/machine.txt; logs and JSON: $OUT/"

@@ -18,7 +18,9 @@ trainer, trainer_bf16
     scripts/train.py's path: `AACETrainer` over `hf_aace.data.ImageClassificationSplit` (uint8 items, the Trainer's
     default loader: no workers) with `hf_aace.data.BatchAugmentation` (crop padding 4, flip, Cutout 16) on the
     training device, the paper recipe's optimizer (SGD momentum 0.9, weight decay 5e-4 on all parameters, lr
-    milestones, no clipping) and train.py's logging every 20 steps; `trainer_bf16` adds `--bf16`.
+    milestones, no clipping) and train.py's logging every 20 steps; `trainer_bf16` adds `--bf16`;
+    `trainer_captured` and `trainer_bf16_captured` add `--step_capture cuda_graph` and `--dataloader_drop_last`
+    (CUDA only).
 
 Each contender runs `--warmup` untimed steps and then `--steps` timed steps, and they alternate `--repeats` times
 (order reversed every other repeat). A step's time is the gap between two consecutive step ends (after
@@ -59,7 +61,7 @@ from common import (
     training_arguments,
 )
 
-VARIANTS = ("reference", "trainer", "trainer_bf16")
+VARIANTS = ("reference", "trainer", "trainer_bf16", "trainer_captured", "trainer_bf16_captured")
 RHO = 0.2
 PADDING = 4
 CUTOUT_SIZE = 16
@@ -243,7 +245,9 @@ def run(cli: argparse.Namespace) -> dict:
                 output_dir,
                 cli,
                 cli.warmup + cli.steps,
-                bf16=variant == "trainer_bf16",
+                bf16="bf16" in variant,
+                step_capture="cuda_graph" if variant.endswith("_captured") else "none",
+                dataloader_drop_last=variant.endswith("_captured"),  # one batch shape: one graph
                 torch_compile=False,
                 lr_milestones=list(MILESTONES),
                 lr_gamma=0.2,
@@ -296,6 +300,8 @@ def markdown(cli: argparse.Namespace, rows: dict, header: list[str], command: st
         "reference": f"paper's loop (DataLoader, {cli.num_workers} workers, per-image PIL, fp32)",
         "trainer": f"AACETrainer + BatchAugmentation on the device (fp32{layout})",
         "trainer_bf16": f"AACETrainer + BatchAugmentation on the device (bf16{layout})",
+        "trainer_captured": f"AACETrainer + BatchAugmentation, step captured as a CUDA graph (fp32{layout})",
+        "trainer_bf16_captured": f"AACETrainer + BatchAugmentation, step captured as a CUDA graph (bf16{layout})",
     }
     lines = ["## End-to-end AACE training: paper's loop vs AACETrainer", ""]
     lines += header

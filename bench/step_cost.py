@@ -32,7 +32,11 @@ Usage:
     python bench/step_cost.py [--models wrn-16-4 pyramidnet-20-48 vit-tiny bert-tiny] [--batch_size 128]
         [--steps 2] [--warmup 1] [--repeats 3] [--methods sgd sam asam aace aace:k=5 aace:f=0.5]
         [--device cpu|cuda] [--bf16]
-        [--channels_last] [--compile] [--output_json PATH] [--output_md PATH]
+        [--channels_last] [--compile] [--step_capture cuda_graph] [--output_json PATH] [--output_md PATH]
+
+With `--step_capture cuda_graph` every kind of step is captured as a CUDA graph on its third occurrence (two eager
+warm-up steps first): keep `--warmup` at 3 or more so that, for methods with k = 1, the timed steps are replays (with
+an interval k the two-pass step's graph is captured at step 2k, and that one slow step falls into the mean).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from transformers import BertConfig, BertForSequenceClassification, ViTConfig, V
 from transformers.trainer_callback import PrinterCallback
 
 from hf_aace import AACETrainer
+from hf_aace.capture import CAPTURE_CHOICES
 from hf_aace.methods import METHODS
 from hf_aace.training_args import parse_method_variant
 
@@ -240,7 +245,8 @@ def markdown(cli: argparse.Namespace, results: dict, header: list[str], command:
     lines += [
         f"- command: `{command}`",
         f"- settings: device {cli.device}, batch {cli.batch_size}, {cli.image_size}x{cli.image_size}x3 random inputs, "
-        f"{'bf16' if cli.bf16 else 'fp32'}, channels_last {cli.channels_last}, torch.compile {cli.compile}; "
+        f"{'bf16' if cli.bf16 else 'fp32'}, channels_last {cli.channels_last}, torch.compile {cli.compile}, "
+        f"step_capture {cli.step_capture}; "
         f"{cli.repeats} repeats x {cli.steps} timed steps per method (after {cli.warmup} warmup steps per repeat), "
         "methods interleaved round-robin (order reversed every other repeat); SGD momentum 0.9, weight decay 5e-4, "
         "no clipping",
@@ -291,6 +297,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the Trainer's --bf16)")
     parser.add_argument("--channels_last", action="store_true", help="model weights in channels_last memory format")
     parser.add_argument("--compile", action="store_true", help="the Trainer's --torch_compile")
+    parser.add_argument(
+        "--step_capture", choices=CAPTURE_CHOICES, default="none", help="--step_capture (cuda_graph: CUDA only)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--output_json", default=None, help="also write the raw step times and results here")
     parser.add_argument("--output_md", default=None, help="also write the Markdown table here")

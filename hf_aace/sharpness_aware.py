@@ -18,11 +18,13 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from accelerate.utils import AutocastKwargs
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
+from .capture import CUDAGraphs, StepCapture, check_step_capture
 from .divergence import DivergenceCallback
 from .perturbation import WeightPerturbation, frozen_batchnorm_statistics, local_shards
 from .sharding import (
@@ -113,6 +115,14 @@ class SharpnessAwareMixin:
         self._task_rule: TaskRule | None = None
         self._model_facts: ModelFacts | None = None
         self._pairs_checked = False
+        self._step_capture: StepCapture | None = None
+        if self.sharpness_aware_args.step_capture == "cuda_graph":
+            check_step_capture(self)
+            self._step_capture = StepCapture(CUDAGraphs())
+            # Autocast's cache of cast weights would be freed between replays that still read it.
+            handler = self.accelerator.autocast_handler or AutocastKwargs()
+            handler.cache_enabled = False
+            self.accelerator.autocast_handler = handler
 
     @property
     def sharpness_aware_args(self) -> SharpnessAwareArguments:
@@ -137,16 +147,55 @@ class SharpnessAwareMixin:
     def training_step(
         self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: torch.Tensor | None = None
     ) -> torch.Tensor:
+        kind = self._step_kind()
+        kept = self._perturbation.kept[1] if kind == "reused" else None
+        capture = self._step_capture
+        if capture is None:
+            loss, metrics = self._step(kind, model, inputs, num_items_in_batch, kept)
+        else:
+            # The modes are host-side flags, set here for every step: a replay runs no Python.
+            model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()
+            key = (kind, id(model), self.current_gradient_accumulation_steps, self.accelerator.sync_gradients)
+            params = [p for p in model.parameters() if p.requires_grad]
+            args = (self._prepare_inputs(inputs), num_items_in_batch, kept)
+            loss, metrics = capture(key, lambda *a: self._step(kind, model, *a), args, params)
+            loss = loss.clone()  # the graph's output is overwritten by its next replay
+        if metrics is not None:
+            self._accumulate_metrics(metrics)
+        return loss
+
+    def _step_kind(self) -> str:
+        """Which step this optimizer step takes: "two_pass", "plain" or "reused" (the plain step at w + e)."""
         settings = self.sharpness_aware_args
-        method = settings.method
+        if not settings.method.perturbs:
+            return "plain"
         # The interval counts optimizer steps (every micro-batch of one step alike, and a resumed run continues the
         # same schedule: global_step is saved in checkpoints).
-        if not method.perturbs:
-            return super().training_step(model, inputs, num_items_in_batch)
         if self.state.global_step % settings.perturbation_interval != 0:
-            if settings.perturbation_reuse and self._perturbation.kept is not None:
-                return self._reused_perturbation_step(model, inputs, num_items_in_batch)
-            return super().training_step(model, inputs, num_items_in_batch)
+            return "reused" if settings.perturbation_reuse and self._perturbation.kept is not None else "plain"
+        return "two_pass"
+
+    def _step(
+        self,
+        kind: str,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | None,
+        kept: list[torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """One step of `kind` on one micro-batch: the loss and the step's metrics (None for one-pass steps)."""
+        if kind == "plain":
+            return super().training_step(model, inputs, num_items_in_batch), None
+        if kind == "reused":
+            return self._reused_perturbation_step(model, inputs, num_items_in_batch, kept), None
+        return self._two_pass_step(model, inputs, num_items_in_batch)
+
+    def _two_pass_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        settings = self.sharpness_aware_args
         first_inputs = first_rows(inputs, settings.perturbation_batch_fraction)
         # Pass 1 at w on the module DDP wraps: DDP neither prepares nor runs a gradient all-reduce (each process
         # perturbs with its own micro-batch's gradient, SAM's m-sharpness), and static-graph DDP sees only pass 2.
@@ -172,7 +221,7 @@ class SharpnessAwareMixin:
             [p for p in model.parameters() if p.requires_grad],
             first_pass,
             second_pass,
-            method=method,
+            method=settings.method,
             rho=rho,
             normalize=normalize,
             perturbation=self._perturbation,
@@ -183,17 +232,20 @@ class SharpnessAwareMixin:
             first_pass_context=nullcontext if sharded else lambda: self.accelerator.no_sync(model),
             keep_perturbation=settings.perturbation_reuse,
         )
-        self._accumulate_metrics(statistics, reports)
-        return loss
+        return loss, self._step_metrics(statistics, reports)
 
     def _reused_perturbation_step(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | None,
+        perturbation: list[torch.Tensor],
     ) -> torch.Tensor:
-        """The plain step at w + e, with e the last two-pass step's perturbation; w restored after it.
+        """The plain step at w + e, with e the last two-pass step's perturbation (`perturbation`); w restored after it.
 
         One forward and backward, as the plain step; BatchNorm statistics update in it, since no pass runs at w.
         """
-        params, perturbation = self._perturbation.kept
+        params = self._perturbation.kept[0]
         self._perturbation.apply_(params, perturbation)
         try:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -321,8 +373,8 @@ class SharpnessAwareMixin:
             )
         return inputs.get(names[0]) if names else None
 
-    def _accumulate_metrics(self, statistics: StepStatistics, reports: dict[str, Any]) -> None:
-        # On-device running sums: no host sync per step; `log` reduces them across processes.
+    def _step_metrics(self, statistics: StepStatistics, reports: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The two-pass step's metrics, as 0-dim float tensors on the device, with a count of one."""
         values = {
             "perturbation_loss": statistics.objective * reports["report_scale"],
             "perturbation_grad_norm": statistics.grad_norm,
@@ -333,8 +385,13 @@ class SharpnessAwareMixin:
         }
         values = {name: value.detach().float().reshape(()) for name, value in values.items() if value is not None}
         values["count"] = torch.ones_like(values["perturbation_loss"])
+        return values
+
+    def _accumulate_metrics(self, values: dict[str, torch.Tensor]) -> None:
+        # On-device running sums: no host sync per step; `log` reduces them across processes. Sums are new tensors,
+        # never the step's own (a captured step overwrites those at its next replay).
         for name, value in values.items():
-            self._metric_sums[name] = self._metric_sums[name] + value if name in self._metric_sums else value
+            self._metric_sums[name] = self._metric_sums[name] + value if name in self._metric_sums else value.clone()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Under FSDP with sharded checkpoints the final model is still saved whole (the Trainer would save no weights).

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import TrainingArguments
 from transformers.trainer_utils import unwrap_peft_model
 
+from .capture import CAPTURE_CHOICES
 from .losses import AACE_MODES
 from .methods import METHODS, SharpnessAwareMethod, get_method
 from .models.architectures import OWN_MODEL_TYPES
@@ -91,6 +92,15 @@ class SharpnessAwareArguments:
             "a plain step and one extra copy of the weights."
         },
     )
+    step_capture: str = field(
+        default="none",
+        metadata={
+            "help": "'cuda_graph': capture each kind of training step (both passes, the perturbation, every "
+            "backward) as a CUDA graph after 2 eager steps and replay it: one launch per step instead of hundreds. "
+            "One CUDA process, batches of fixed shapes; 'none' runs every step eagerly.",
+            "choices": list(CAPTURE_CHOICES),
+        },
+    )
     stop_on_divergence: bool = field(
         default=True,
         metadata={
@@ -123,6 +133,8 @@ class SharpnessAwareArguments:
                 f"--perturbation_batch_fraction must lie in (0, 1]; got {self.perturbation_batch_fraction}."
             )
 
+        if self.step_capture not in CAPTURE_CHOICES:
+            raise ValueError(f"--step_capture must be one of {', '.join(CAPTURE_CHOICES)}; got {self.step_capture!r}.")
         if self.perturbation_reuse and self.perturbation_interval == 1:
             raise ValueError(
                 "--perturbation_reuse reuses a perturbation between two-pass steps, and --perturbation_interval 1 "

@@ -1,4 +1,7 @@
-"""Checks that need a CUDA device (marker `gpu`, skipped elsewhere): the real fp16 path, augmentation on the device."""
+"""Checks that need a CUDA device (marker `gpu`, skipped elsewhere): the real fp16 path, augmentation on the device,
+the step captured as a CUDA graph."""
+
+import warnings
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from hf_aace import (
     WideResNetForImageClassification,
     aace_loss,
 )
+from hf_aace.training_args import parse_method_variant
 
 pytestmark = [
     pytest.mark.gpu,
@@ -74,3 +78,33 @@ def test_random_aace_weights_are_drawn_on_the_logits_device():
     expected = (target * (target.clamp_min(1e-30).log() - logits.log_softmax(-1))).sum(-1)
     torch.testing.assert_close(loss, expected)
     assert aace_loss(logits, labels, mode="random").device == logits.device  # the trainer passes no generator
+
+
+@pytest.mark.parametrize("variant", ["sgd", "aace", "aace:k=3:r=1"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_captured_cuda_steps_train_as_eager_steps(tmp_path, variant, precision):
+    method, settings = parse_method_variant(variant)
+
+    def run(step_capture):
+        torch.manual_seed(0)
+        model = WideResNetForImageClassification(WideResNetConfig(depth=10, widen_factor=2, num_labels=10))
+        args = AACETrainingArguments(
+            output_dir=str(tmp_path / step_capture), max_steps=9, per_device_train_batch_size=16, logging_steps=3,
+            report_to="none", save_strategy="no", optim="sgd", learning_rate=0.05, seed=0, sam_method=method,
+            step_capture=step_capture, dataloader_drop_last=True, **settings,
+            **({} if precision == "fp32" else {precision: True}),
+        )  # fmt: skip
+        augmentation = BatchAugmentation((0.5,) * 3, (0.25,) * 3, crop_padding=4, flip=True, cutout_size=16)
+        trainer = AACETrainer(model=model, args=args, train_dataset=Batches(), augmentation=augmentation)
+        trainer.train()
+        return model, trainer
+
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    eager, _ = run("none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # every step captured: none falls back
+        captured, trainer = run("cuda_graph")
+    kinds = 2 if ":k=" in variant else 1
+    assert trainer._step_capture.replays == 9 - 2 * kinds
+    for a, b in zip(eager.state_dict().values(), captured.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
