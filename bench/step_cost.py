@@ -32,11 +32,15 @@ Usage:
     python bench/step_cost.py [--models wrn-16-4 pyramidnet-20-48 vit-tiny bert-tiny] [--batch_size 128]
         [--steps 2] [--warmup 1] [--repeats 3] [--methods sgd sam asam aace aace:k=5 aace:f=0.5]
         [--device cpu|cuda] [--bf16]
-        [--channels_last] [--compile] [--step_capture cuda_graph] [--output_json PATH] [--output_md PATH]
+        [--channels_last] [--compile] [--step_capture cuda_graph] [--no_nan_inf_filter] [--output_json PATH]
+        [--output_md PATH]
 
 With `--step_capture cuda_graph` every kind of step is captured as a CUDA graph on its third occurrence (two eager
 warm-up steps first): keep `--warmup` at 3 or more so that, for methods with k = 1, the timed steps are replays (with
 an interval k the two-pass step's graph is captured at step 2k, and that one slow step falls into the mean).
+`--no_nan_inf_filter` sets the Trainer's `logging_nan_inf_filter=False`: the Trainer's loop then reads nothing back
+to the host per step (its two syncs are that filter's `isnan`/`isinf` of the step's loss), so the host can queue the
+next step while the device runs this one.
 """
 
 from __future__ import annotations
@@ -193,7 +197,9 @@ def run(cli: argparse.Namespace) -> dict:
             trainers = {}
             for method in cli.methods:
                 name, settings = parse_method_variant(method)
-                args = training_arguments(name, output_dir, cli, max_steps, **settings)
+                args = training_arguments(
+                    name, output_dir, cli, max_steps, logging_nan_inf_filter=not cli.no_nan_inf_filter, **settings
+                )
                 trainers[method] = AACETrainer(model=model, args=args, train_dataset=dataset, callbacks=[timer])
                 trainers[method].remove_callback(PrinterCallback)  # the end-of-train metrics line, once per call
             times = {method: [] for method in cli.methods}
@@ -246,7 +252,7 @@ def markdown(cli: argparse.Namespace, results: dict, header: list[str], command:
         f"- command: `{command}`",
         f"- settings: device {cli.device}, batch {cli.batch_size}, {cli.image_size}x{cli.image_size}x3 random inputs, "
         f"{'bf16' if cli.bf16 else 'fp32'}, channels_last {cli.channels_last}, torch.compile {cli.compile}, "
-        f"step_capture {cli.step_capture}; "
+        f"step_capture {cli.step_capture}, logging_nan_inf_filter {not cli.no_nan_inf_filter}; "
         f"{cli.repeats} repeats x {cli.steps} timed steps per method (after {cli.warmup} warmup steps per repeat), "
         "methods interleaved round-robin (order reversed every other repeat); SGD momentum 0.9, weight decay 5e-4, "
         "no clipping",
@@ -299,6 +305,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="the Trainer's --torch_compile")
     parser.add_argument(
         "--step_capture", choices=CAPTURE_CHOICES, default="none", help="--step_capture (cuda_graph: CUDA only)"
+    )
+    parser.add_argument(
+        "--no_nan_inf_filter", action="store_true", help="logging_nan_inf_filter=False: no host sync per step"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--output_json", default=None, help="also write the raw step times and results here")

@@ -16,7 +16,9 @@ function that reads its inputs from tensors and makes no host sync, which the tw
    generator) runs eagerly from then on, after one warning that names the error; so does every signature beyond
    `max_graphs` (variable-length batches: pad to a fixed length).
 
-The graph's outputs are static: they are overwritten by the next replay, so callers copy what they keep.
+The graph's outputs are static: they are overwritten by the next replay, so callers copy what they keep. Only the
+step's tensor work is replayed: Python inside the step (a `compute_loss` override that appends to a list, counts
+calls or logs) runs once, at capture.
 """
 
 import warnings
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
+from transformers import Trainer
 
 WARMUP_STEPS = 2
 MAX_GRAPHS = 8
@@ -51,7 +54,8 @@ class CUDAGraphs:
     def capture(self, step: Callable[[], Any]) -> tuple[Any, Any]:
         """`(graph, outputs)`: the step recorded, not run; `replay(graph)` runs it."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # Only this thread's unsafe calls end the capture: a DataLoader's pin-memory thread goes on meanwhile.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = step()
         return graph, outputs
 
@@ -236,4 +240,12 @@ def check_step_capture(trainer: Any) -> None:
         raise ValueError(
             "step_capture='cuda_graph' and --torch_compile each take over the step's launches; use one (torch.compile "
             "has its own CUDA graphs with --torch_compile_mode reduce-overhead)."
+        )
+    compute_loss = getattr(type(trainer), "compute_loss", None)
+    if compute_loss is not None and compute_loss is not Trainer.compute_loss:
+        warnings.warn(
+            f"step_capture: {type(trainer).__name__} has its own compute_loss; a replayed step runs its tensor work "
+            "only, so anything it does in Python (recording metrics, counting) happens once, at capture. If it "
+            "records per-step values that way, set step_capture='none'.",
+            stacklevel=3,
         )

@@ -110,7 +110,8 @@ class SharpnessAwareMixin:
             # Non-finite weights stop training before they reach a log, an evaluation or a checkpoint.
             self.add_callback(DivergenceCallback(radius=lambda: self.perturbation_settings()[0]))
         self._perturbation = WeightPerturbation()
-        self._metric_sums: dict[str, torch.Tensor] = {}
+        self._metric_names: tuple[str, ...] = ()
+        self._metric_total: torch.Tensor | None = None  # the step metrics' running sums, stacked in that order
         self._support = trainer_support(type(self))
         self._task_rule: TaskRule | None = None
         self._model_facts: ModelFacts | None = None
@@ -373,8 +374,11 @@ class SharpnessAwareMixin:
             )
         return inputs.get(names[0]) if names else None
 
-    def _step_metrics(self, statistics: StepStatistics, reports: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The two-pass step's metrics, as 0-dim float tensors on the device, with a count of one."""
+    def _step_metrics(
+        self, statistics: StepStatistics, reports: dict[str, Any]
+    ) -> tuple[tuple[str, ...], torch.Tensor]:
+        """The two-pass step's metrics: their names, and their values stacked in one float tensor on the device (with
+        a count of one last), so that summing them costs one kernel a step."""
         values = {
             "perturbation_loss": statistics.objective * reports["report_scale"],
             "perturbation_grad_norm": statistics.grad_norm,
@@ -385,13 +389,29 @@ class SharpnessAwareMixin:
         }
         values = {name: value.detach().float().reshape(()) for name, value in values.items() if value is not None}
         values["count"] = torch.ones_like(values["perturbation_loss"])
-        return values
+        return tuple(values), torch.stack(list(values.values()))
 
-    def _accumulate_metrics(self, values: dict[str, torch.Tensor]) -> None:
-        # On-device running sums: no host sync per step; `log` reduces them across processes. Sums are new tensors,
-        # never the step's own (a captured step overwrites those at its next replay).
-        for name, value in values.items():
-            self._metric_sums[name] = self._metric_sums[name] + value if name in self._metric_sums else value.clone()
+    def _accumulate_metrics(self, metrics: tuple[tuple[str, ...], torch.Tensor]) -> None:
+        # On-device running sums: no host sync per step; `log` reduces them across processes. The sum is a new tensor,
+        # never the step's own (a captured step overwrites that at its next replay).
+        names, values = metrics
+        if self._metric_total is None:
+            self._metric_names, self._metric_total = names, values.clone()
+        elif names == self._metric_names:
+            self._metric_total = self._metric_total + values
+        else:  # another set of metrics than the steps before (not seen in practice): sum over the union of names
+            sums = {**dict.fromkeys(names, 0.0), **self._metric_sums}
+            for name, value in zip(names, values.unbind()):
+                sums[name] = sums[name] + value
+            self._metric_names = tuple(sums)
+            self._metric_total = torch.stack([torch.as_tensor(v, device=values.device) for v in sums.values()])
+
+    @property
+    def _metric_sums(self) -> dict[str, torch.Tensor]:
+        """The running sums of the step metrics since the last log, by name."""
+        if self._metric_total is None:
+            return {}
+        return dict(zip(self._metric_names, self._metric_total.unbind()))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Under FSDP with sharded checkpoints the final model is still saved whole (the Trainer would save no weights).
@@ -404,17 +424,16 @@ class SharpnessAwareMixin:
             super()._save(output_dir, state_dict)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._metric_sums:
-            names = sorted(self._metric_sums)
-            totals = self.accelerator.reduce(torch.stack([self._metric_sums[n] for n in names]), reduction="sum")
-            totals = dict(zip(names, totals.tolist()))
+        if "loss" in logs and self._metric_total is not None:
+            totals = self.accelerator.reduce(self._metric_total, reduction="sum")
+            totals = dict(zip(self._metric_names, totals.tolist()))
             count = totals.pop("count")
             for name in METRIC_NAMES:
                 if name in totals:
                     logs[name] = round(totals[name] / count, 6)
             if totals.get("skipped_perturbations"):
                 logs["skipped_perturbations"] = int(totals["skipped_perturbations"])
-            self._metric_sums = {}
+            self._metric_total = None
         super().log(logs, *args, **kwargs)
 
 

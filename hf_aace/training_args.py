@@ -97,7 +97,8 @@ class SharpnessAwareArguments:
         metadata={
             "help": "'cuda_graph': capture each kind of training step (both passes, the perturbation, every "
             "backward) as a CUDA graph after 2 eager steps and replay it: one launch per step instead of hundreds. "
-            "One CUDA process, batches of fixed shapes; 'none' runs every step eagerly.",
+            "One CUDA process, batches of fixed shapes; read when the trainer is built. 'none' runs every step "
+            "eagerly.",
             "choices": list(CAPTURE_CHOICES),
         },
     )

@@ -51,7 +51,11 @@ class OperationRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if self.refuse_syncs and str(func.overloadpacket) in SYNC_OPS:
             raise CaptureError(f"operation not permitted when stream is capturing ({func})")
-        outside = self._outside((args, kwargs))
+        if func.overloadpacket is torch.ops.aten.lift_fresh:
+            # A tensor made from Python data (`torch.tensor(...)`): a graph keeps the value it had at capture.
+            outside = tuple(args[0].reshape(-1).tolist())
+        else:
+            outside = self._outside((args, kwargs))
         result = func(*args, **kwargs)
         self.operations.append((str(func), _describe(args), _describe(sorted(kwargs.items())), outside))
         for t in tree_flatten(result)[0]:

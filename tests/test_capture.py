@@ -13,7 +13,13 @@ from capture_emulation import EmulatedGraphs
 from torch import nn
 from transformers import TrainerCallback
 
-from hf_aace import AACETrainer, SharpnessAwareArguments, WideResNetConfig, WideResNetForImageClassification
+from hf_aace import (
+    AACETrainer,
+    SharpnessAwareArguments,
+    WideResNetConfig,
+    WideResNetForImageClassification,
+    sharpness_aware,
+)
 from hf_aace.capture import CUDAGraphs, StepCapture, check_step_capture
 from hf_aace.training_args import parse_method_variant
 
@@ -171,6 +177,19 @@ def test_step_capture_is_refused_where_it_cannot_run(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             check_step_capture(types.SimpleNamespace(args=types.SimpleNamespace(**{**base, **change})))
+    trainer = AACETrainer(model=model, args=make_args(tmp_path), train_dataset=dataset)
+    trainer.args = types.SimpleNamespace(**base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_step_capture(trainer)  # the Trainer's own compute_loss: nothing to say
+
+    class OwnLoss(AACETrainer):
+        def compute_loss(self, model, inputs, **kwargs):
+            return super().compute_loss(model, inputs, **kwargs)
+
+    trainer.__class__ = OwnLoss
+    with pytest.warns(UserWarning, match="OwnLoss has its own compute_loss; .* happens once, at capture"):
+        check_step_capture(trainer)
 
 
 def test_a_capturing_trainer_turns_off_the_autocast_cache(tmp_path, monkeypatch):
@@ -180,3 +199,111 @@ def test_a_capturing_trainer_turns_off_the_autocast_cache(tmp_path, monkeypatch)
     trainer = AACETrainer(model=model, args=make_args(tmp_path, step_capture="cuda_graph"), train_dataset=dataset)
     assert isinstance(trainer._step_capture.backend, CUDAGraphs)
     assert trainer.accelerator.autocast_handler.cache_enabled is False
+
+
+def capture_and_compare(tmp_path, make):
+    """Trains `make(folder)`'s trainer eagerly and captured; asserts the same weights and logs; returns the captured
+    trainer. No step may fall back to eager."""
+    eager = make(tmp_path / "eager")
+    eager.train()
+    captured = make(tmp_path / "captured")
+    captured._step_capture = StepCapture(EmulatedGraphs(captured.model))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="step_capture")
+        captured.train()
+    assert_same_training((eager.model, eager, None), (captured.model, captured, None))
+    assert captured._step_capture.replays > 0
+    return captured
+
+
+def test_a_captured_run_evaluates_between_steps_and_resumes_from_its_checkpoints(tmp_path):
+    def make(folder, max_steps=8):
+        model, dataset = build("dict_module", n=16)
+        args = make_args(folder, max_steps=max_steps, per_device_train_batch_size=2, sam_method="aace",
+                         perturbation_interval=3, perturbation_reuse=True, save_strategy="steps", save_steps=4,
+                         eval_strategy="steps", eval_steps=2)  # fmt: skip
+        return AACETrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset)
+
+    straight = capture_and_compare(tmp_path, make)
+    assert [e["eval_loss"] for e in straight.state.log_history if "eval_loss" in e]
+    # Cut at step 4 (inside an interval, with a kept perturbation the graph wrote), resumed captured.
+    cut = make(tmp_path / "cut", max_steps=4)
+    cut._step_capture = StepCapture(EmulatedGraphs(cut.model))
+    cut.train()
+    resumed = make(tmp_path / "cut")
+    resumed._step_capture = StepCapture(EmulatedGraphs(resumed.model))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-4"))
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_seq2seq_trainer_steps_are_captured(tmp_path):
+    from test_sharpness_aware import plain_args, t5_rows, tiny_t5
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, default_data_collator
+
+    def make(folder):
+        args = plain_args(folder, Seq2SeqTrainingArguments, max_steps=6, per_device_train_batch_size=2)
+        return sharpness_aware(Seq2SeqTrainer)(
+            model=tiny_t5(), args=args, train_dataset=t5_rows(), data_collator=default_data_collator,
+            sharpness_aware_args=SharpnessAwareArguments(sam_method="aace"),
+        )  # fmt: skip
+
+    capture_and_compare(tmp_path, make)
+
+
+def test_sft_trainer_steps_fall_back_to_eager_since_trl_reads_its_metrics_back(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from test_trl import TEXTS, llama, sft_args, tokenizer
+    from trl import SFTTrainer
+
+    def make(folder):
+        return sharpness_aware(SFTTrainer)(
+            model=llama(), args=sft_args(folder, max_steps=5, pad_to_multiple_of=32),
+            train_dataset=datasets.Dataset.from_dict({"text": TEXTS}), processing_class=tokenizer(),
+            sharpness_aware_args=SharpnessAwareArguments(sam_method="sam"),
+        )  # fmt: skip
+
+    eager = make(tmp_path / "eager")
+    eager.train()
+    captured = make(tmp_path / "captured")
+    captured._step_capture = StepCapture(EmulatedGraphs(captured.model))
+    with pytest.warns(UserWarning, match="could not be captured"):  # SFTTrainer's compute_loss calls .item()
+        captured.train()
+    assert_same_training((eager.model, eager, None), (captured.model, captured, None))
+    assert captured._step_capture.replays == 0
+
+
+@pytest.mark.parametrize("setting", ["lora", "activation_checkpointing"])
+def test_adapters_and_activation_checkpointing_are_captured(tmp_path, setting):
+    from transformers import default_data_collator
+
+    from test_trainer import CHECKPOINTING
+
+    def make(folder):
+        model, dataset = build("bert_single_label", n=16)
+        options = {}
+        if setting == "lora":
+            peft = pytest.importorskip("peft")
+            config = peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")
+            model = peft.get_peft_model(model, config)
+        else:
+            options = {CHECKPOINTING: True, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}}
+        args = make_args(folder, max_steps=6, per_device_train_batch_size=2, sam_method="aace", **options)
+        return AACETrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
+
+    capture_and_compare(tmp_path, make)
+
+
+def test_step_metrics_are_summed_in_one_tensor_whatever_the_steps_report(tmp_path):
+    model, dataset = build("dict_module")
+    trainer = AACETrainer(model=model, args=make_args(tmp_path), train_dataset=dataset)
+    step = torch.tensor([1.0, 2.0, 1.0])
+    trainer._accumulate_metrics((("clean_loss", "perturbation_norm", "count"), step))
+    step.fill_(9.0)  # a captured step's output, overwritten by the next replay: the sum is not affected
+    trainer._accumulate_metrics((("clean_loss", "perturbation_norm", "count"), torch.tensor([3.0, 4.0, 1.0])))
+    trainer._accumulate_metrics((("clean_loss", "clean_accuracy", "count"), torch.tensor([5.0, 0.5, 1.0])))
+    sums = {name: value.item() for name, value in trainer._metric_sums.items()}
+    assert sums == {"clean_loss": 9.0, "perturbation_norm": 6.0, "clean_accuracy": 0.5, "count": 3.0}
+    logs = {"loss": 1.0}
+    trainer.log(logs)
+    assert logs["clean_loss"] == 3.0 and logs["perturbation_norm"] == 2.0 and not trainer._metric_sums

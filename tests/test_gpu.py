@@ -82,7 +82,7 @@ def test_random_aace_weights_are_drawn_on_the_logits_device():
 
 @pytest.mark.parametrize("variant", ["sgd", "aace", "aace:k=3:r=1"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_captured_cuda_steps_train_as_eager_steps(tmp_path, variant, precision):
+def test_captured_cuda_steps_train_as_eager_steps(tmp_path, monkeypatch, variant, precision):
     method, settings = parse_method_variant(variant)
 
     def run(step_capture):
@@ -99,7 +99,8 @@ def test_captured_cuda_steps_train_as_eager_steps(tmp_path, variant, precision):
         trainer.train()
         return model, trainer
 
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     eager, _ = run("none")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # every step captured: none falls back

@@ -1,12 +1,12 @@
 import copy
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from launch import accelerate_launch
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification, TrainerCallback
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
@@ -447,10 +447,7 @@ def test_a_divergence_callback_is_added_once(tmp_path):
 def launch_ddp_train(output_dir: Path, *flags: str) -> list[dict]:
     """Runs tests/ddp_train.py on two CPU processes (gloo) and returns each rank's record."""
     script = ROOT / "tests" / "ddp_train.py"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
+    command = accelerate_launch(
         "--multi_gpu",
         "--num_processes",
         "2",
@@ -463,7 +460,7 @@ def launch_ddp_train(output_dir: Path, *flags: str) -> list[dict]:
         str(script),
         str(output_dir),
         *flags,
-    ]
+    )
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return [json.loads((output_dir / f"rank{i}.json").read_text()) for i in range(2)]
