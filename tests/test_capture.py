@@ -253,6 +253,7 @@ def test_seq2seq_trainer_steps_are_captured(tmp_path):
 
 def test_sft_trainer_steps_fall_back_to_eager_since_trl_reads_its_metrics_back(tmp_path):
     datasets = pytest.importorskip("datasets")
+    pytest.importorskip("trl")
     from test_trl import TEXTS, llama, sft_args, tokenizer
     from trl import SFTTrainer
 
