@@ -97,18 +97,20 @@ class EmulatedGraphs:
         grad_values = [g.clone() if g is not None else None for g in grads_in]
         rng = torch.get_rng_state()
         recorder = OperationRecorder(refuse_syncs=True)
+        grads_out = grads_in
         try:
             with capturing(), recorder:
                 outputs = step()
             grads_out = [p.grad for p in params]
-        finally:  # a capture changes nothing: put back what running it changed
+        finally:  # a capture runs nothing: put back the values running it changed (`.grad` is the captured output)
             with torch.no_grad():
                 for t, v in zip(state, values):
                     t.copy_(v)
-                for p, g, v in zip(params, grads_in, grad_values):
+                for g, v in zip(grads_in, grad_values):
                     if g is not None:
                         g.copy_(v)
-                    p.grad = g
+            for p, g in zip(params, grads_out):
+                p.grad = g
             torch.set_rng_state(rng)
         self.captures += 1
         return EmulatedGraph(step, recorder.operations, outputs, grads_in, grads_out), outputs
