@@ -22,6 +22,7 @@ calls or logs) runs once, at capture.
 """
 
 import warnings
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,10 +106,18 @@ class StepCapture:
         self.max_graphs = max_graphs
         self.graphs: dict[Hashable, _Graph] = {}
         self._warned: set[str] = set()
+        self._model: weakref.ref | None = None
 
     def reset(self) -> None:
         """Drops every graph (and the memory it holds); the next steps warm up and capture again."""
         self.graphs = {}
+
+    def bind(self, model: torch.nn.Module) -> None:
+        """The graphs belong to one model: a step of another one (a hyperparameter search's next trial, built by
+        `model_init`) drops them, with the memory they hold."""
+        if self._model is not None and self._model() is not model:
+            self.reset()
+        self._model = weakref.ref(model)
 
     @property
     def replays(self) -> int:

@@ -158,7 +158,8 @@ class SharpnessAwareMixin:
             model.train()
             if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
                 self.optimizer.train()
-            key = (kind, id(model), self.current_gradient_accumulation_steps, self.accelerator.sync_gradients)
+            capture.bind(model)
+            key = (kind, self.current_gradient_accumulation_steps, self.accelerator.sync_gradients)
             params = [p for p in model.parameters() if p.requires_grad]
             args = (self._prepare_inputs(inputs), num_items_in_batch, kept)
             loss, metrics = capture(key, lambda *a: self._step(kind, model, *a), args, params)

@@ -77,11 +77,17 @@ class EmulatedGraph:
 
 
 class EmulatedGraphs:
-    """`CUDAGraphs`' interface on the CPU for the trainable parameters and buffers of `model`."""
+    """`CUDAGraphs`' interface on the CPU for the trainable parameters and buffers of `model` (a module, or a
+    function that returns the current one)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
+    def __init__(self, model) -> None:
+        self._model = model if isinstance(model, torch.nn.Module) else None
+        self._get_model = model if self._model is None else None
         self.captures = 0
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model if self._model is not None else self._get_model()
 
     def _params(self) -> list[torch.Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad]

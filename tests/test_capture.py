@@ -102,7 +102,7 @@ def test_accumulation_and_a_short_last_cycle_get_their_own_graphs(tmp_path):
 
     captured = run(tmp_path / "captured", True)
     assert_same_training(run(tmp_path / "eager", False), captured)
-    keys = {signature[0][2] for signature in captured[1]._step_capture.graphs}
+    keys = {signature[0][1] for signature in captured[1]._step_capture.graphs}
     assert keys == {1, 2} and captured[1]._step_capture.replays > 0
 
 
@@ -308,3 +308,24 @@ def test_step_metrics_are_summed_in_one_tensor_whatever_the_steps_report(tmp_pat
     logs = {"loss": 1.0}
     trainer.log(logs)
     assert logs["clean_loss"] == 3.0 and logs["perturbation_norm"] == 2.0 and not trainer._metric_sums
+
+
+def test_graphs_of_a_replaced_model_are_dropped(tmp_path):
+    # A hyperparameter search builds a new model per trial (`model_init`): the last trial's graphs, and their memory,
+    # must not stay behind.
+    def run(folder, captured):
+        args = make_args(folder, max_steps=6, per_device_train_batch_size=2, sam_method="aace")
+        trainer = AACETrainer(model_init=lambda: build("dict_module", n=16)[0], args=args,
+                              train_dataset=build("dict_module", n=16)[1])  # fmt: skip
+        if captured:
+            trainer._step_capture = StepCapture(EmulatedGraphs(lambda: trainer.model))
+        trainer.train()
+        first = trainer.model
+        trainer.train()  # a new model from model_init
+        assert trainer.model is not first
+        return trainer.model, trainer, None
+
+    captured = run(tmp_path / "captured", True)
+    assert_same_training(run(tmp_path / "eager", False), captured)
+    capture = captured[1]._step_capture
+    assert len(capture.graphs) == 1 and capture.replays == 6 - 2  # the first model's graph is gone
