@@ -9,7 +9,8 @@ The subclass's `training_step` builds the two closures of `hf_aace.step.two_pass
 2. second pass at w + e: the parent class's own `training_step` (loss scaling, accumulation, all-reduce, its metrics)
    with BatchNorm statistics frozen.
 
-Everything else (evaluation, generation, checkpoints, callbacks, `push_to_hub`) is the parent's.
+Everything else (evaluation, generation, checkpoints, callbacks, `push_to_hub`) is the parent's. With
+`step_capture="cuda_graph"` each kind of step runs as a CUDA graph, captured once and replayed (`hf_aace.capture`).
 """
 
 import math
@@ -64,6 +65,8 @@ logger = logging.get_logger(__name__)
 
 # The perturbation kept for reuse, per process, in each checkpoint (`perturbation_reuse`).
 KEPT_PERTURBATION_NAME = "kept_perturbation_{}.pt"
+# A two-pass step's metrics: their names, and their values stacked in one tensor on the device.
+StepMetrics = tuple[tuple[str, ...], torch.Tensor]
 METRIC_NAMES = ("perturbation_loss", "perturbation_grad_norm", "perturbation_norm", "clean_loss", "clean_accuracy")
 
 
@@ -186,7 +189,7 @@ class SharpnessAwareMixin:
         inputs: dict[str, Any],
         num_items_in_batch: torch.Tensor | None,
         kept: list[torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    ) -> tuple[torch.Tensor, StepMetrics | None]:
         """One step of `kind` on one micro-batch: the loss and the step's metrics (None for one-pass steps)."""
         if kind == "plain":
             return super().training_step(model, inputs, num_items_in_batch), None
@@ -196,7 +199,7 @@ class SharpnessAwareMixin:
 
     def _two_pass_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, StepMetrics]:
         settings = self.sharpness_aware_args
         first_inputs = first_rows(inputs, settings.perturbation_batch_fraction)
         # Pass 1 at w on the module DDP wraps: DDP neither prepares nor runs a gradient all-reduce (each process
@@ -375,9 +378,7 @@ class SharpnessAwareMixin:
             )
         return inputs.get(names[0]) if names else None
 
-    def _step_metrics(
-        self, statistics: StepStatistics, reports: dict[str, Any]
-    ) -> tuple[tuple[str, ...], torch.Tensor]:
+    def _step_metrics(self, statistics: StepStatistics, reports: dict[str, Any]) -> StepMetrics:
         """The two-pass step's metrics: their names, and their values stacked in one float tensor on the device (with
         a count of one last), so that summing them costs one kernel a step."""
         values = {
@@ -392,7 +393,7 @@ class SharpnessAwareMixin:
         values["count"] = torch.ones_like(values["perturbation_loss"])
         return tuple(values), torch.stack(list(values.values()))
 
-    def _accumulate_metrics(self, metrics: tuple[tuple[str, ...], torch.Tensor]) -> None:
+    def _accumulate_metrics(self, metrics: StepMetrics) -> None:
         # On-device running sums: no host sync per step; `log` reduces them across processes. The sum is a new tensor,
         # never the step's own (a captured step overwrites that at its next replay).
         names, values = metrics
