@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 from transformers import Trainer
 
@@ -140,3 +141,11 @@ def _fsdp_module_class() -> type | None:
 def _fsdp2_module(model: nn.Module) -> nn.Module | None:
     fsdp_module = _fsdp_module_class()
     return model if fsdp_module is not None and isinstance(model, fsdp_module) else None
+
+
+def end_process_group() -> None:
+    """Destroys the default process group of a multi-process launch, if there is one, while the interpreter is still
+    whole. Left to the interpreter's exit, gloo's worker threads can abort a process whose run succeeded (SIGABRT,
+    "terminate called without an active exception"), and NCCL warns that the group was not destroyed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -35,6 +35,7 @@ from hf_aace.divergence import TrainingDivergedError
 from hf_aace.metrics import compute_metrics, top_k_predictions
 from hf_aace.models.architectures import ARCHITECTURES, PAPER_TRAINING, resolve_model
 from hf_aace.plotting import plot_training_curves
+from hf_aace.sharding import end_process_group
 from hf_aace.training_args import SHARPNESS_AWARE_FIELDS
 
 logger = logging.getLogger(__name__)
@@ -415,4 +416,8 @@ def warn_if_hub_unreachable(token: str | None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        exit_code = main(sys.argv[1:])
+    finally:
+        end_process_group()
+    sys.exit(exit_code)

@@ -19,6 +19,7 @@ from hf_aace import (
     WideResNetConfig,
     WideResNetForImageClassification,
 )
+from hf_aace.sharding import end_process_group
 
 # A fixed uint8 batch: the same images on every rank, so different draws give different augmented batches.
 PROBE_IMAGES = (torch.arange(4 * 3 * 8 * 8) % 251).to(torch.uint8).reshape(4, 3, 8, 8)
@@ -103,4 +104,7 @@ def main(output_dir: Path, static_graph: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), static_graph="--static_graph" in sys.argv[2:])
+    try:
+        main(Path(sys.argv[1]), static_graph="--static_graph" in sys.argv[2:])
+    finally:
+        end_process_group()

@@ -36,6 +36,7 @@ from hf_aace import (
     WideResNetForImageClassification,
     sharpness_aware,
 )
+from hf_aace.sharding import end_process_group
 
 from test_trainer import make_args
 
@@ -193,6 +194,9 @@ def main(output_dir: Path, runs: list[str]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "script":
-        run_train_script(sys.argv[2:])
+        run_train_script(sys.argv[2:])  # scripts/train.py ends its process group itself
     else:
-        main(Path(sys.argv[1]), sys.argv[2:])
+        try:
+            main(Path(sys.argv[1]), sys.argv[2:])
+        finally:
+            end_process_group()

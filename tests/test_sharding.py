@@ -4,13 +4,14 @@ models of any floating dtype."""
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import FullyShardedDataParallelPlugin
-from launch import accelerate_launch
+from launch import accelerate_launch, free_port
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
@@ -284,3 +285,17 @@ def test_train_script_under_fsdp2_publishes_a_whole_model_and_resumes(tmp_path):
     assert f"Resuming from {output / 'checkpoint-2'}" in second.stderr
     history = json.loads((output / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
+
+
+def test_the_process_group_is_ended_before_the_interpreter_exits():
+    # Left to the interpreter's exit, gloo's threads can abort a process whose run succeeded.
+    script = (
+        "import torch.distributed as dist\n"
+        "from hf_aace.sharding import end_process_group\n"
+        f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)\n"
+        "end_process_group()\n"
+        "assert not dist.is_initialized()\n"
+        "end_process_group()  # nothing to end: a no-op\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
