@@ -7,8 +7,9 @@
 #   bash bench/gpu.sh               # on the GPU machine, from the repository root
 #   bash bench/gpu.sh --cpu-smoke   # tiny versions of the same commands on the CPU (under a minute): checks the script
 #
-# Needs torch (CUDA), transformers, accelerate, datasets and pytest installed; downloads nothing. hf_aace is imported from the
-# working tree through PYTHONPATH (no install). PYTHON overrides the interpreter (default: python).
+# Needs torch (CUDA), transformers, accelerate, datasets and pytest installed; downloads nothing. hf_aace is imported
+# from the working tree through PYTHONPATH (no install). PYTHON overrides the interpreter (default: python). On the
+# device tool's lent machine, bench/device_run.sh installs what is missing and runs this.
 set -uo pipefail
 
 mode=gpu
