@@ -1,14 +1,9 @@
 """`accelerate launch` command lines for the tests' multi-process runs, each on a port of its own: test files that
 run in parallel (pytest -n 2) would otherwise both take accelerate's default 29500."""
 
-import socket
 import sys
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from local_hub import free_port
 
 
 def accelerate_launch(*options: str) -> list[str]:

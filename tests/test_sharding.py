@@ -11,7 +11,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import FullyShardedDataParallelPlugin
-from launch import accelerate_launch, free_port
+from launch import accelerate_launch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
@@ -27,6 +27,7 @@ from hf_aace.perturbation import global_norm
 from hf_aace.sharding import GLOBAL_BATCH, PER_PROCESS
 
 from fsdp_train import Images, full_weights, tiny_vit, train
+from local_hub import free_port
 from test_trainer import make_args, make_dataset, tiny_wrn
 
 ROOT = Path(__file__).resolve().parents[1]
