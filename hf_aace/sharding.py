@@ -145,7 +145,9 @@ def _fsdp2_module(model: nn.Module) -> nn.Module | None:
 
 def end_process_group() -> None:
     """Destroys the default process group of a multi-process launch, if there is one, while the interpreter is still
-    whole. Left to the interpreter's exit, gloo's worker threads can abort a process whose run succeeded (SIGABRT,
-    "terminate called without an active exception"), and NCCL warns that the group was not destroyed."""
+    whole, after every process has reached this point. Left to the interpreter's exit, gloo's worker threads can abort
+    a process whose run succeeded (SIGABRT, "terminate called without an active exception"), and NCCL warns that the
+    group was not destroyed; destroyed while another process still uses it, the same abort comes more often."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no process tears its connections down while another still uses them
         torch.distributed.destroy_process_group()
