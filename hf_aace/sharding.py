@@ -147,7 +147,8 @@ def end_process_group() -> None:
     """Destroys the default process group of a multi-process launch, if there is one, while the interpreter is still
     whole, after every process has reached this point. Left to the interpreter's exit, gloo's worker threads can abort
     a process whose run succeeded (SIGABRT, "terminate called without an active exception"), and NCCL warns that the
-    group was not destroyed; destroyed while another process still uses it, the same abort comes more often."""
+    group was not destroyed; destroyed while another process still uses it, the same abort comes more often. Call it
+    after a run that ended on every process: the barrier would wait for a process stuck in another collective."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # no process tears its connections down while another still uses them
         torch.distributed.destroy_process_group()

@@ -416,8 +416,6 @@ def warn_if_hub_unreachable(token: str | None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        exit_code = main(sys.argv[1:])
-    finally:
-        end_process_group()
+    exit_code = main(sys.argv[1:])
+    end_process_group()  # only after a run that ended: on an error the launcher stops the other processes
     sys.exit(exit_code)

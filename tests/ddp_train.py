@@ -104,7 +104,5 @@ def main(output_dir: Path, static_graph: bool) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(Path(sys.argv[1]), static_graph="--static_graph" in sys.argv[2:])
-    finally:
-        end_process_group()
+    main(Path(sys.argv[1]), static_graph="--static_graph" in sys.argv[2:])
+    end_process_group()

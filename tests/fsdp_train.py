@@ -196,7 +196,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "script":
         run_train_script(sys.argv[2:])  # scripts/train.py ends its process group itself
     else:
-        try:
-            main(Path(sys.argv[1]), sys.argv[2:])
-        finally:
-            end_process_group()
+        main(Path(sys.argv[1]), sys.argv[2:])
+        end_process_group()
