@@ -124,7 +124,9 @@ class StepCapture:
         """Steps run by replaying a graph, over all signatures."""
         return sum(graph.replays for graph in self.graphs.values())
 
-    def __call__(self, key: Hashable, step: Callable[..., Any], args: tuple, params: Sequence[torch.Tensor]) -> Any:
+    def __call__(
+        self, key: Hashable, step: Callable[..., Any], args: tuple, params: Callable[[], Sequence[torch.Tensor]]
+    ) -> Any:
         """Runs `step(*args)`: eagerly, captured, or by replaying its graph.
 
         Args:
@@ -132,7 +134,8 @@ class StepCapture:
                 strides and dtypes of the tensors in `args` and the other values in it, it names the graph.
             step: the step; it reads every input that changes between steps from `args`.
             args: the step's arguments: any nesting of tuples, lists and dicts of tensors and other values.
-            params: the trainable parameters whose `.grad` the step accumulates into.
+            params: returns the trainable parameters whose `.grad` the step accumulates into (called only for warm-up
+                and capture steps, not on a replay's path).
         """
         leaves, spec = tree_flatten(args)
         signature = (key, spec, tuple(_leaf_signature(leaf) for leaf in leaves))
@@ -154,8 +157,8 @@ class StepCapture:
         if graph.graph is None:
             if graph.warmups < self.warmup_steps:
                 graph.warmups += 1
-                return self._warm_up(graph, step, args, params)
-            current = self._capture(graph, step, leaves, spec, params)
+                return self._warm_up(graph, step, args, params())
+            current = self._capture(graph, step, leaves, spec, params())
             if graph.failed:
                 return step(*args)
         else:

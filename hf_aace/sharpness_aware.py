@@ -163,9 +163,14 @@ class SharpnessAwareMixin:
                 self.optimizer.train()
             capture.bind(model)
             key = (kind, self.current_gradient_accumulation_steps, self.accelerator.sync_gradients)
-            params = [p for p in model.parameters() if p.requires_grad]
             args = (self._prepare_inputs(inputs), num_items_in_batch, kept)
-            loss, metrics = capture(key, lambda *a: self._step(kind, model, *a), args, params)
+            # The parameters are listed only for warm-up and capture steps, not on a replay's path.
+            loss, metrics = capture(
+                key,
+                lambda *a: self._step(kind, model, *a),
+                args,
+                lambda: [p for p in model.parameters() if p.requires_grad],
+            )
             loss = loss.clone()  # the graph's output is overwritten by its next replay
         if metrics is not None:
             self._accumulate_metrics(metrics)
