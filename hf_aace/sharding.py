@@ -11,6 +11,7 @@
   request that accelerate would silently run as DDP (it shards only on GPU-type backends).
 """
 
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,7 +149,12 @@ def end_process_group() -> None:
     whole, after every process has reached this point. Left to the interpreter's exit, gloo's worker threads can abort
     a process whose run succeeded (SIGABRT, "terminate called without an active exception"), and NCCL warns that the
     group was not destroyed; destroyed while another process still uses it, the same abort comes more often. Call it
-    after a run that ended on every process: the barrier would wait for a process stuck in another collective."""
+    after a run that ended on every process: the barrier would wait for a process stuck in another collective.
+
+    The garbage is collected first: a finished Trainer sits in reference cycles that keep its wrapped model alive, and
+    DDP's reducer holds the group, so without the collection the group's threads would outlive its destruction and
+    end only at the interpreter's exit, where they can still abort the process."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()  # frees the models and reducers that hold the group, so destroying it joins its threads now
         torch.distributed.barrier()  # no process tears its connections down while another still uses them
         torch.distributed.destroy_process_group()

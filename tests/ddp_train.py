@@ -1,12 +1,14 @@
 """Trains a tiny WideResNet with AACETrainer on two gloo processes; run by test_trainer.py under accelerate launch.
 
 Each rank writes its first pass-1 gradient norm, the one logged at step 1, a hash of its final parameters, its logged
-losses and a hash of the first augmentation its trainer drew to `<output_dir>/rank<i>.json`. `--static_graph`
+losses and a hash of the first augmentation its trainer drew to `<output_dir>/rank<i>.json`, and the threads still
+running once its process group is ended to `<output_dir>/rank<i>-threads.json`. `--static_graph`
 trains with `ddp_static_graph`.
 """
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,6 +105,15 @@ def main(output_dir: Path, static_graph: bool) -> None:
     (output_dir / f"rank{args.process_index}.json").write_text(json.dumps(record))
 
 
+def thread_names() -> list[str]:
+    """The names of this process's live threads (Linux): gloo's are pt_gloo_runloop and gloo_tcp_loop."""
+    tasks = Path("/proc/self/task")
+    return sorted((task / "comm").read_text().strip() for task in tasks.iterdir()) if tasks.is_dir() else []
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), static_graph="--static_graph" in sys.argv[2:])
+    output_dir = Path(sys.argv[1])
+    main(output_dir, static_graph="--static_graph" in sys.argv[2:])
     end_process_group()
+    # What is still running once the group is ended: gloo's threads left here would end only at the interpreter's exit.
+    (output_dir / f"rank{os.environ['RANK']}-threads.json").write_text(json.dumps(thread_names()))

@@ -445,7 +445,8 @@ def test_a_divergence_callback_is_added_once(tmp_path):
 
 
 def launch_ddp_train(output_dir: Path, *flags: str) -> list[dict]:
-    """Runs tests/ddp_train.py on two CPU processes (gloo) and returns each rank's record."""
+    """Runs tests/ddp_train.py on two CPU processes (gloo) and returns each rank's record, with the threads it still
+    ran once its process group was ended under "threads_after_end"."""
     script = ROOT / "tests" / "ddp_train.py"
     command = accelerate_launch(
         "--multi_gpu",
@@ -463,12 +464,24 @@ def launch_ddp_train(output_dir: Path, *flags: str) -> list[dict]:
     )
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return [json.loads((output_dir / f"rank{i}.json").read_text()) for i in range(2)]
+    ranks = [json.loads((output_dir / f"rank{i}.json").read_text()) for i in range(2)]
+    for i, rank in enumerate(ranks):
+        rank["threads_after_end"] = json.loads((output_dir / f"rank{i}-threads.json").read_text())
+    return ranks
 
 
 @pytest.fixture(scope="module")
 def ddp_ranks(tmp_path_factory) -> list[dict]:
     return launch_ddp_train(tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux's /proc")
+def test_each_process_joins_gloos_threads_before_its_interpreter_exits(ddp_ranks):
+    # A finished Trainer's cycles keep the DDP model, and so the group, alive: unless end_process_group frees them,
+    # gloo's threads outlive destroy_process_group and meet the interpreter's exit, where they can abort the process.
+    for rank in ddp_ranks:
+        assert rank["threads_after_end"], "no threads listed"
+        assert not [name for name in rank["threads_after_end"] if "gloo" in name], rank["threads_after_end"]
 
 
 def test_two_processes_perturb_independently_and_stay_identical(ddp_ranks):
