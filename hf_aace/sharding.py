@@ -153,7 +153,8 @@ def end_process_group() -> None:
 
     The garbage is collected first: a finished Trainer sits in reference cycles that keep its wrapped model alive, and
     DDP's reducer holds the group, so without the collection the group's threads would outlive its destruction and
-    end only at the interpreter's exit, where they can still abort the process."""
+    end only at the interpreter's exit, where they can still abort the process. (Under FSDP2 torch's DTensor caches
+    keep the device mesh, and with it the group, until the exit all the same.)"""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         gc.collect()  # frees the models and reducers that hold the group, so destroying it joins its threads now
         torch.distributed.barrier()  # no process tears its connections down while another still uses them

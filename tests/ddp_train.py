@@ -108,7 +108,13 @@ def main(output_dir: Path, static_graph: bool) -> None:
 def thread_names() -> list[str]:
     """The names of this process's live threads (Linux): gloo's are pt_gloo_runloop and gloo_tcp_loop."""
     tasks = Path("/proc/self/task")
-    return sorted((task / "comm").read_text().strip() for task in tasks.iterdir()) if tasks.is_dir() else []
+    names = []
+    for task in tasks.iterdir() if tasks.is_dir() else ():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except FileNotFoundError:  # a thread that ended while they were listed
+            pass
+    return sorted(names)
 
 
 if __name__ == "__main__":
