@@ -14,7 +14,7 @@ import datasets
 import numpy as np
 import pytest
 import yaml
-from launch import accelerate_launch
+from launch import two_process_launch
 from transformers import HfArgumentParser
 
 from hf_aace.models.architectures import ARCHITECTURES
@@ -336,10 +336,8 @@ def test_push_to_the_real_hub_and_load_back(tmp_path):
 
 def test_train_script_under_accelerate_launch_on_two_processes(tmp_path):
     output = tmp_path / "out"
-    command = accelerate_launch("--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN), *QUICK,
-               "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no", "--output_dir", str(output),
-               "--cache_dir", str(tmp_path))  # fmt: skip
+    options = ["--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no", "--output_dir", str(output)]
+    command = two_process_launch("--multi_gpu", str(TRAIN), *QUICK, *options, "--cache_dir", str(tmp_path))
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("Test accuracy:") == 1  # printed by the main process only

@@ -11,7 +11,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import FullyShardedDataParallelPlugin
-from launch import accelerate_launch
+from launch import two_process_launch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
@@ -38,9 +38,7 @@ RUNS = ("aace:2:ddp", "aace:1", "aace:2", "sam:2", "asam:1", "aace:2:resume", "s
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("fsdp")
-    command = accelerate_launch("--multi_gpu", "--num_processes", "2")
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += [str(ROOT / "tests" / "fsdp_train.py"), str(output_dir), *RUNS]
+    command = two_process_launch("--multi_gpu", str(ROOT / "tests" / "fsdp_train.py"), str(output_dir), *RUNS)
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return output_dir
@@ -260,8 +258,7 @@ def test_train_script_under_fsdp2_publishes_a_whole_model_and_resumes(tmp_path):
     output = tmp_path / "out"
 
     def launch(max_steps: int) -> subprocess.CompletedProcess:
-        command = accelerate_launch("--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--use_fsdp", "--fsdp_version", "2",
+        command = two_process_launch("--use_fsdp", "--fsdp_version", "2",
                    str(ROOT / "tests" / "fsdp_train.py"), "script", "--model", "wrn-10-1", "--dataset", "digits",
                    "--per_device_train_batch_size", "32", "--use_cpu", "--disable_tqdm", "true", "--logging_steps",
                    "1", "--max_steps", str(max_steps), "--save_strategy", "steps", "--save_steps", "2",

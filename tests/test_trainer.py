@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from launch import accelerate_launch
+from launch import two_process_launch
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification, TrainerCallback
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
@@ -448,20 +448,7 @@ def launch_ddp_train(output_dir: Path, *flags: str) -> list[dict]:
     """Runs tests/ddp_train.py on two CPU processes (gloo) and returns each rank's record, with the threads it still
     ran once its process group was ended under "threads_after_end"."""
     script = ROOT / "tests" / "ddp_train.py"
-    command = accelerate_launch(
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(script),
-        str(output_dir),
-        *flags,
-    )
+    command = two_process_launch("--multi_gpu", str(script), str(output_dir), *flags)
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     ranks = [json.loads((output_dir / f"rank{i}.json").read_text()) for i in range(2)]
